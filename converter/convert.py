@@ -1,0 +1,149 @@
+"""HF safetensors -> Megatron-LM torch_dist checkpoint, streamed one tensor at a time."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .derive import derive
+from .errors import ConversionError
+from .hf_io import HFCheckpoint
+from .mcore_io import TRACKER, megatron_lm_common, release_dir, save_streaming
+from .plan import build_plan, mcore_shapes
+from .progress import Progress
+from .runtime import ensure_distributed
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
+            etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,
+            family: str | None = None, progress: bool = True) -> Path:
+    """Convert `hf_dir` into a Megatron-LM checkpoint root `out_dir` (tracker file + release/ torch_dist).
+
+    tp/pp/ep/etp are validated and recorded: torch_dist reshards at load, so the files are the same for all.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    dt = parse_dtype(dtype)
+    spec = derive(hf_dir, family=family)
+    spec.check_parallel(tp, pp, ep, etp)
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
+    hf = HFCheckpoint(hf_dir)
+    _refuse_quantized(spec, hf)
+    ensure_distributed()
+    model = spec.build_model(device="meta", dtype=dt)
+    shapes = mcore_shapes(model)
+    plan = build_plan(spec, shapes, {n: hf.shape(n) for n in hf.names()})
+
+    bar = Progress(len(plan.jobs), sum(_nbytes(hf, n) for n in plan.hf_names()),
+                   "convert", enabled=progress)
+    done: set[str] = set()
+
+    def make(name: str) -> torch.Tensor:
+        job = plan.jobs[name]
+        if name in done:
+            raise ConversionError(f"internal: {name} was requested twice")
+        srcs = [hf.get(s).to(dt) for s in job.sources]
+        out = job.to_mcore(srcs)
+        if tuple(out.shape) != job.ctx.shape:
+            raise ConversionError(f"{name}: made shape {tuple(out.shape)}, the model needs {job.ctx.shape}")
+        done.add(name)
+        bar.update(sum(_nbytes(hf, s) for s in job.sources), name)
+        return out
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        t0 = time.time()
+        save_streaming(model, make, release_dir(tmp), megatron_lm_common(spec, tp, pp, ep, etp, dt))
+        bar.close()
+        left = [n for n in plan.jobs if n not in done]
+        if left:
+            raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
+        (tmp / TRACKER).write_text("release")
+        _write_args(tmp, spec, tp, pp, ep, etp, dt)
+        _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _nbytes(hf: HFCheckpoint, name: str) -> int:
+    n = 1
+    for d in hf.shape(name):
+        n *= d
+    return n * hf.dtype(name).itemsize
+
+
+def _refuse_quantized(spec, hf: HFCheckpoint) -> None:
+    q = spec.hf_config.get("quantization_config") or spec.hf_config.get("text_config", {}).get("quantization_config")
+    if q:
+        raise ConversionError(f"source checkpoint is quantized (quantization_config.quant_method="
+                              f"{q.get('quant_method')!r}); hf2mcore cannot dequantize it yet")
+    odd = [n for n in hf.names() if hf.dtype(n) not in (torch.float32, torch.float16, torch.bfloat16)]
+    if odd:
+        raise ConversionError(f"tensors of non-float dtype (quantized weights?): {odd[:5]}")
+
+
+def args_fragment(spec, tp: int, pp: int, ep: int, etp: int | None) -> str:
+    """Megatron-LM flags as a shell fragment, in place of a hand-written conf/*.sh."""
+    a = spec.megatron_args(tp)
+    a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if spec.moe is not None:
+        a.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
+    parts = []
+    for k, v in a.items():
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else f"{flag} {shlex.quote(str(v))}")
+    return " \\\n    ".join(parts)
+
+
+def _write_args(root: Path, spec, tp, pp, ep, etp, dt) -> None:
+    prec = {torch.bfloat16: "--bf16", torch.float16: "--fp16"}.get(dt, "")
+    root.joinpath("megatron_args.sh").write_text(
+        f"# Megatron-LM arguments derived by hf2mcore for {spec.architecture}\n"
+        f"# use: torchrun ... pretrain_gpt.py ${{MODEL_ARGS[@]}} --load {root.name} --ckpt-format torch_dist --finetune\n"
+        + "".join(f"# WARNING: {w}\n" for w in spec.warnings)
+        + f"MODEL_ARGS=(\n    {args_fragment(spec, tp, pp, ep, etp)} {prec}\n    --use-mcore-models --transformer-impl local\n)\n")
+
+
+def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par) -> None:
+    import megatron.core
+    import safetensors
+    import transformers
+
+    cfg = (hf_dir / "config.json").read_bytes()
+    manifest = {
+        "tool": "hf2mcore", "source": str(hf_dir.resolve()), "architecture": spec.architecture,
+        "family": spec.family, "dtype": str(dt).removeprefix("torch."),
+        "parallel": dict(zip(("tp", "pp", "ep", "etp"), par)),
+        "config_sha256": hashlib.sha256(cfg).hexdigest(),
+        "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in sorted(set(hf.file_of.values()))},
+        "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored)},
+        "warnings": list(spec.warnings), "seconds": round(seconds, 2),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "megatron-core": megatron.core.__version__, "transformers": transformers.__version__,
+                     "safetensors": safetensors.__version__},
+    }
+    root.joinpath("hf2mcore.json").write_text(json.dumps(manifest, indent=2))
+    root.joinpath("hf_config.json").write_bytes(cfg)

@@ -1,0 +1,260 @@
+"""config.json -> ModelSpec. Reads the raw JSON (transformers 4 and 5 spellings, multimodal `text_config`,
+remote-code configs), fills what a field leaves out from transformers' own defaults for that model type, and
+refuses, by field name, what megatron-core cannot express."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mappings import BY_ARCHITECTURE, FAMILIES, Family, supported
+
+from .errors import ConversionError
+from .spec import MLASpec, MoESpec, ModelSpec, RopeSpec
+
+# Field aliases, first match wins (HF spellings across model families).
+ALIASES = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "ffn_hidden_size": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "num_query_groups": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
+    "head_dim": ("head_dim", "kv_channels", "attention_head_dim"),
+    "norm_epsilon": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"),
+    "activation": ("hidden_act", "hidden_activation", "activation_function"),
+    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
+    "topk": ("num_experts_per_tok", "experts_per_token", "moe_topk"),
+    "moe_ffn": ("moe_intermediate_size",),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "seq_length"),
+}
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
+# Megatron-core's llama3 rope scaling hard-codes these (rotary_pos_embedding._apply_scaling defaults).
+MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def read_config(path: str | Path) -> dict:
+    """The raw config dict from a checkpoint directory or a config.json path."""
+    p = Path(path)
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.is_file():
+        raise ConversionError(f"no config.json at {cfg_path}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{cfg_path} does not hold a JSON object")
+    return raw
+
+
+def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
+    """Derive the Megatron view of an HF model from its config.json (a directory, a file or a dict)."""
+    raw = path if isinstance(path, dict) else read_config(path)
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else None
+    fam = _family(arch, family)
+    if fam.refuse:
+        raise ConversionError(f"{arch}: not supported: {fam.refuse}")
+    # Multimodal wrappers keep the language model's fields in text_config.
+    text = {**raw, **raw.get("text_config", {})}
+    cfg = {**_hf_defaults(text.get("model_type")), **text}
+    return _Deriver(cfg, arch or fam.name, fam).spec().replace(hf_config=raw)
+
+
+def _family(arch: str | None, name: str | None) -> Family:
+    if name is not None:
+        if name not in FAMILIES:
+            raise ConversionError(f"unknown family {name!r}; known families: {', '.join(supported())}")
+        return FAMILIES[name]
+    if arch is None:
+        raise ConversionError("config.json has no 'architectures' field; pass --family NAME "
+                              f"(one of: {', '.join(supported())})")
+    if arch not in BY_ARCHITECTURE:
+        raise ConversionError(f"unknown architecture {arch!r}; known families: {', '.join(supported())} "
+                              "(use --family NAME if the model follows one of their layouts and tensor names)")
+    return BY_ARCHITECTURE[arch]
+
+
+def _hf_defaults(model_type: str | None) -> dict:
+    """transformers' defaults for fields a config.json may omit (e.g. tie_word_embeddings, rms_norm_eps)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        d = CONFIG_MAPPING[model_type]().to_dict()
+    except Exception:  # unknown or remote-code model type: the JSON must then be complete
+        return {}
+    # Scalars only: list and dict defaults (layer_types, rope_parameters) describe the default model's shape
+    # and would contradict the real config's own fields.
+    skip = {"architectures", "vocab_size", "model_type", "transformers_version", "dtype", "torch_dtype"}
+    return {k: v for k, v in d.items() if k not in skip and not isinstance(v, (list, dict))}
+
+
+class _Deriver:
+    def __init__(self, cfg: dict, arch: str, fam: Family):
+        self.cfg, self.arch, self.fam = cfg, arch, fam
+        self.implied = fam.architectures.get(arch, {})
+        self.warnings: list[str] = []
+
+    def get(self, key: str, default: Any = None, required: bool = False) -> Any:
+        for name in ALIASES.get(key, (key,)):
+            if self.cfg.get(name) is not None:
+                return self.cfg[name]
+        if required:
+            raise ConversionError(f"config.json lacks {' / '.join(ALIASES.get(key, (key,)))}")
+        return default
+
+    def int_field(self, key: str, default: Any = None, required: bool = False) -> int | None:
+        v = self.get(key, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConversionError(f"config field {ALIASES.get(key, (key,))[0]}={v!r} must be a positive integer")
+        return v
+
+    def refuse(self, feature: str) -> None:
+        raise ConversionError(f"{self.arch}: not supported: {feature}")
+
+    def spec(self) -> ModelSpec:
+        g = self.int_field
+        hidden, heads = g("hidden_size", required=True), g("num_attention_heads", required=True)
+        groups = g("num_query_groups", heads)
+        if heads % groups:
+            raise ConversionError(f"num_attention_heads={heads} is not divisible by num_key_value_heads={groups}")
+        head_dim = g("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ConversionError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                                      "and config.json has no head_dim")
+            head_dim = hidden // heads
+        act = self.get("activation", "silu")
+        if act not in GATED_ACTIVATIONS:
+            self.refuse(f"hidden_act={act!r} (hf2mcore maps gated silu and gelu-tanh MLPs)")
+        attn_bias, mlp_bias = bool(self.get("attention_bias", False)), bool(self.get("mlp_bias", False))
+        if attn_bias != mlp_bias:
+            self.refuse(f"attention_bias={attn_bias} with mlp_bias={mlp_bias}: megatron-core's add_bias_linear "
+                        "covers the attention output and MLP projections together")
+        for f in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if self.get(f):
+                self.refuse(f"{f}={self.get(f)} (megatron-core has no logit soft-capping)")
+        prf = self.get("partial_rotary_factor", 1.0)
+        if prf != 1.0:
+            self.refuse(f"partial_rotary_factor={prf}")
+        self._sliding_window()
+        quant = self.get("quantization_config")
+        if quant:
+            self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
+                                 f"{quant.get('quant_method')!r}); convert must dequantize them")
+        num_layers = g("num_layers", required=True)
+        fields: dict[str, Any] = dict(
+            architecture=self.arch, family=self.fam.name, num_layers=num_layers, hidden_size=hidden,
+            ffn_hidden_size=g("ffn_hidden_size", required=True), num_attention_heads=heads,
+            num_query_groups=groups, kv_channels=head_dim, vocab_size=g("vocab_size", required=True),
+            max_position_embeddings=g("max_position_embeddings", 4096),
+            norm_epsilon=float(self.get("norm_epsilon", 1e-6)), activation=GATED_ACTIVATIONS[act],
+            add_qkv_bias=attn_bias, add_bias_linear=attn_bias,
+            tie_word_embeddings=bool(self.get("tie_word_embeddings", False)),
+            rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(),
+        )
+        fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
+        return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
+
+    def _sliding_window(self) -> None:
+        window = self.get("sliding_window")
+        if window and self.get("use_sliding_window", True) and not self.get("layer_types"):
+            self.warnings.append(
+                f"sliding_window={window}: megatron-core's local attention is full causal, so the converted "
+                f"model matches HF only on sequences of up to {window} tokens")
+
+    def _rope(self) -> RopeSpec:
+        params = {**(self.get("rope_scaling") or {}), **(self.get("rope_parameters") or {})}
+        if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
+            self.refuse("per-layer-type rope_parameters")
+        theta = float(params.get("rope_theta", self.get("rope_theta", 10000.0)))
+        kind = params.get("rope_type", params.get("type")) or "default"
+        if kind == "default":
+            return RopeSpec(theta=theta)
+        factor = float(params.get("factor", 1.0))
+        if kind == "llama3":
+            for k, want in MCORE_LLAMA3.items():
+                if float(params.get(k, want)) != want:
+                    self.refuse(f"rope_scaling.{k}={params.get(k)} (megatron-core's llama3 rope scaling "
+                                f"hard-codes {k}={want:g})")
+            return RopeSpec(kind="llama3", theta=theta, factor=factor)
+        if kind == "yarn":
+            omp = params.get("original_max_position_embeddings") or self.get("original_max_position_embeddings")
+            if params.get("truncate") is False:
+                self.refuse("rope_scaling.truncate=false (megatron-core's yarn always rounds the correction range)")
+            return RopeSpec(kind="yarn", theta=theta, factor=factor, original_max_position_embeddings=omp,
+                            beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
+                            mscale=float(params.get("mscale", 1.0)),
+                            mscale_all_dim=float(params.get("mscale_all_dim", 0.0)))
+        self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, llama3 and yarn rope)")
+
+    def _moe(self, num_layers: int) -> MoESpec | None:
+        experts = self.int_field("num_experts")
+        if not experts:
+            return None
+        topk = self.int_field("topk", required=True)
+        ffn = self.get("moe_ffn") or self.get("ffn_hidden_size")
+        pattern = self._moe_pattern(num_layers)
+        shared = self.get("shared_expert_intermediate_size") or (self.get("n_shared_experts") or 0) * ffn
+        score = self.get("scoring_func", "softmax")
+        if score not in ("softmax", "sigmoid"):
+            self.refuse(f"scoring_func={score!r}")
+        norm = bool(self.implied.get("norm_topk_prob", self.get("norm_topk_prob", False)))
+        if score == "sigmoid" and not norm and topk > 1:
+            self.refuse("scoring_func='sigmoid' with norm_topk_prob=false (megatron-core renormalises sigmoid top-k)")
+        method = self.get("topk_method", "greedy")
+        n_group, topk_group = self.get("n_group") or 1, self.get("topk_group") or 1
+        if method not in ("greedy", "noaux_tc"):
+            self.refuse(f"topk_method={method!r} (megatron-core's group routing scores groups by their top-2 sum, "
+                        "as noaux_tc does)")
+        scaling = self.get("routed_scaling_factor")
+        return MoESpec(
+            num_experts=experts, topk=topk, ffn_hidden_size=ffn, layer_pattern=pattern, shared_expert_size=shared,
+            score_function=score, pre_softmax=score == "softmax" and not norm, expert_bias=method == "noaux_tc",
+            num_groups=n_group if n_group > 1 else None, group_topk=topk_group if n_group > 1 else None,
+            topk_scaling_factor=float(scaling) if scaling not in (None, 1, 1.0) else None,
+            shared_expert_gate=bool(self.implied.get("shared_expert_gate", False)),
+        )
+
+    def _moe_pattern(self, n: int) -> tuple[int, ...]:
+        """1 marks a MoE layer: DeepSeek first_k_dense_replace/moe_layer_freq, Qwen decoder_sparse_step/
+        mlp_only_layers, Llama-4 interleave_moe_layer_step."""
+        first_dense = self.get("first_k_dense_replace", 0)
+        freq = self.get("moe_layer_freq", 1)
+        step = self.get("decoder_sparse_step") or self.get("interleave_moe_layer_step") or 1
+        dense_only = set(self.get("mlp_only_layers") or [])
+        pattern = tuple(int(i >= first_dense and i % freq == 0 and (i + 1) % step == 0 and i not in dense_only)
+                        for i in range(n))
+        if not any(pattern):
+            self.refuse("an expert count with no MoE layer in the layer pattern")
+        return pattern
+
+    def _mla(self) -> MLASpec | None:
+        kv_rank = self.get("kv_lora_rank")
+        if not kv_rank:
+            return None
+        return MLASpec(q_lora_rank=self.get("q_lora_rank"), kv_lora_rank=kv_rank,
+                       qk_head_dim=self.get("qk_nope_head_dim", required=True),
+                       qk_pos_emb_head_dim=self.get("qk_rope_head_dim", required=True),
+                       v_head_dim=self.get("v_head_dim", required=True))
+
+
+def hf_param_count(spec: ModelSpec) -> int:
+    """Parameters of the HF model, instantiated on the meta device from the same config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(spec.hf_config)
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def mcore_param_count(spec: ModelSpec) -> int:
+    model = spec.build_model(device="meta")
+    return sum(p.numel() for p in model.parameters())
+

@@ -1,0 +1,174 @@
+"""torch_dist checkpoints through megatron-core's dist_checkpointing, and Megatron-LM's directory layout.
+
+Writing streams: the model is built on the meta device, megatron-core produces its sharded state dict (keys,
+stacked layers, global expert axis, gate/up halves), and PyTorch DCP writes it with a planner whose
+`resolve_data` makes each tensor only when the writer reaches it. Megatron-core's views of a parameter
+(e.g. the gate and up halves of linear_fc1) are replayed on the real tensor with as_strided.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import ConversionError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONTENT_METADATA = {"singleton_local_shards": False}
+
+
+def release_dir(root: Path) -> Path:
+    return root / "release"
+
+
+def find_checkpoint(root: str | Path) -> Path:
+    """The torch_dist directory of a Megatron-LM checkpoint root (via the tracker file), or the directory itself."""
+    root = Path(root)
+    if (root / "metadata.json").is_file():
+        return root
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise ConversionError(f"{root} is not a Megatron checkpoint (no {TRACKER} and no metadata.json)")
+    tag = tracker.read_text().strip()
+    sub = root / ("release" if tag == "release" else f"iter_{int(tag):07d}" if tag.isdigit() else tag)
+    if not (sub / "metadata.json").is_file():
+        raise ConversionError(f"{sub} (named by {tracker}) is not a torch_dist checkpoint")
+    return sub
+
+
+def _strategy_class():
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class LazyPlanner(MCoreSavePlanner):
+        def __init__(self, resolve: Callable, **kw):
+            super().__init__(**kw)
+            self._resolve = resolve
+
+        def resolve_data(self, write_item):
+            obj = self.lookup_object(write_item.index)
+            if isinstance(obj, torch.Tensor) and obj.is_meta:
+                return self._resolve(obj)
+            return super().resolve_data(write_item)
+
+    class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
+        """megatron-core's torch_dist strategy with DCP's synchronous writer and a lazy planner."""
+
+        def __init__(self, resolve: Callable):
+            super().__init__(thread_count=1)
+            self._resolve = resolve
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_sd = mcore_to_pyt_state_dict(sd, False)
+            planner = LazyPlanner(self._resolve, flatten_state_dict=False, flatten_sharded_tensors=False)
+            dcp_save(pyt_sd, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                             single_file_per_rank=True, sync_files=True),
+                     planner=planner)
+
+    return StreamingSaveStrategy
+
+
+class _ViewResolver:
+    """Maps a meta view back to its parameter, makes the parameter once and frees it after its last view."""
+
+    def __init__(self, model, make: Callable[[str], torch.Tensor], sharded_state_dict):
+        # Storage identity survives every view and detach megatron-core applies (meta storages are distinct).
+        self.names = {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items()
+                      if isinstance(t, torch.Tensor)}
+        self.make = make
+        self.pending: dict[str, int] = {}
+        self.cache: dict[str, torch.Tensor] = {}
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        for v in nested_values(sharded_state_dict):
+            if isinstance(v, ShardedTensor) and v.data is not None:
+                n = self.name_of(v.data)
+                self.pending[n] = self.pending.get(n, 0) + 1
+
+    def name_of(self, t: torch.Tensor) -> str:
+        try:
+            return self.names[_storage_key(t)]
+        except KeyError:
+            raise ConversionError("internal: a checkpoint tensor is not a view of a model parameter") from None
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        name = self.name_of(view)
+        real = self.cache.get(name)
+        if real is None:
+            real = self.make(name).contiguous()
+            self.cache[name] = real
+        out = real.as_strided(view.size(), view.stride(), view.storage_offset())
+        self.pending[name] = self.pending.get(name, 1) - 1
+        if self.pending[name] <= 0:
+            self.cache.pop(name, None)
+        return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict) -> None:
+    """Write `model`'s torch_dist checkpoint into ckpt_dir; `make(name)` returns parameter `name`'s data."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+    apply_factories(sharded)  # so the resolver counts the views the writer will ask for
+    resolver = _ViewResolver(model, make, sharded)
+    sharded.update(common)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    from .runtime import cpu_patches
+
+    with cpu_patches():
+        dist_checkpointing.save(sharded, str(ckpt_dir), sharded_strategy=_strategy_class()(resolver),
+                                content_metadata=dict(CONTENT_METADATA))
+
+
+def megatron_lm_common(spec, tp: int, pp: int, ep: int, etp: int | None, dtype: torch.dtype) -> dict:
+    """What Megatron-LM's load_checkpoint reads from the common state for a --finetune / release load."""
+    args = argparse.Namespace(**spec.megatron_args(tp))
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+    args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, etp or tp
+    args.encoder_tensor_model_parallel_size = args.encoder_pipeline_model_parallel_size = 0
+    args.virtual_pipeline_model_parallel_size = None
+    args.no_save_rng = args.no_save_optim = True
+    args.ckpt_format, args.use_dist_ckpt = "torch_dist", True
+    args.params_dtype = dtype
+    args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    args.iteration, args.consumed_train_samples, args.consumed_valid_samples = 0, 0, 0
+    return {"args": args, "checkpoint_version": 3.0, "iteration": 0}
+
+
+def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
+    """Fill a (possibly parallel) megatron-core model from a torch_dist checkpoint; resharding is megatron's."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from .runtime import cpu_patches
+
+    ckpt = find_checkpoint(ckpt_dir)
+    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+    with cpu_patches():
+        try:
+            state = dist_checkpointing.load(sharded, str(ckpt),
+                                            strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"cannot load {ckpt}: {str(exc).splitlines()[0][:500]}") from exc
+    own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+
+
+def load_common(ckpt_dir: str | Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(find_checkpoint(ckpt_dir)))

@@ -1,0 +1,121 @@
+"""spec + family rules -> the tensor plan: for every Megatron tensor, the HF tensors it is built from and how.
+
+The same plan runs forwards (import) and backwards (export). Building it checks completeness both ways: every
+Megatron tensor has a rule and its sources, every HF tensor is used exactly once, and every shape agrees
+(transforms are first run on meta tensors, so a mismatch stops before any byte is written).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from mappings import FAMILIES, Rule
+
+from .errors import ConversionError
+from .spec import ModelSpec
+from .transforms import Ctx
+
+
+@dataclass(frozen=True)
+class Job:
+    mcore: str
+    sources: tuple[str, ...]
+    rule: Rule
+    ctx: Ctx
+
+    def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self.rule.transform.to_mcore(tensors, self.ctx)
+
+    def to_hf(self, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.sources, self.rule.transform.to_hf(tensor, self.ctx)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: dict[str, Job]  # Megatron tensor name -> job, in model order
+    ignored: tuple[str, ...] = ()  # HF tensors deliberately left out
+
+    def hf_names(self) -> list[str]:
+        return [s for j in self.jobs.values() for s in j.sources]
+
+
+def mcore_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Weights of a megatron-core model by state-dict name (buffers such as the expert bias included)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
+               hf_shapes: dict[str, tuple[int, ...]] | None = None) -> Plan:
+    """`shapes`: Megatron names at TP=1 (global layer numbers); `hf_shapes`: the source checkpoint's tensors
+    (None when exporting without one: then the HF side is whatever the rules name)."""
+    family = FAMILIES[spec.family]
+    jobs: dict[str, Job] = {}
+    unmapped = []
+    for name, shape in shapes.items():
+        found = _match(family.rules, name)
+        if found is None:
+            unmapped.append(name)
+            continue
+        rule, fields = found
+        ctx = Ctx(heads=spec.num_attention_heads, groups=spec.num_query_groups, head_dim=spec.kv_channels,
+                  shape=shape, hf_rows=spec.vocab_size)
+        jobs[name] = Job(name, tuple(rule.sources(fields)), rule, ctx)
+    if unmapped:
+        raise ConversionError(f"family {family.name!r} has no rule for {len(unmapped)} Megatron tensors: "
+                              + ", ".join(unmapped[:8]))
+    plan = Plan(jobs)
+    used: dict[str, str] = {}
+    for j in jobs.values():
+        for s in j.sources:
+            if s in used:
+                raise ConversionError(f"HF tensor {s} would feed both {used[s]} and {j.mcore}")
+            used[s] = j.mcore
+    if hf_shapes is None:
+        return plan
+    missing = [s for s in used if s not in hf_shapes]
+    if missing:
+        raise ConversionError(f"the HF checkpoint lacks {len(missing)} tensors the model needs: "
+                              + ", ".join(missing[:8]))
+    ignore = [re.compile(p) for p in family.ignore] + _implied_ignores(spec)
+    ignored = [n for n in hf_shapes if n not in used and any(p.fullmatch(n) for p in ignore)]
+    unused = [n for n in hf_shapes if n not in used and n not in ignored]
+    if unused:
+        raise ConversionError(f"{len(unused)} HF tensors have no place in the Megatron model: "
+                              + ", ".join(unused[:8]))
+    for j in jobs.values():
+        _check_shapes(j, [hf_shapes[s] for s in j.sources])
+    return Plan(jobs, tuple(ignored))
+
+
+def _match(rules, name):
+    for rule in rules:
+        fields = rule.match(name)
+        if fields is not None:
+            return rule, fields
+    return None
+
+
+def _implied_ignores(spec: ModelSpec) -> list[re.Pattern]:
+    out = []
+    if spec.tie_word_embeddings:  # some tied checkpoints still store the shared matrix twice
+        out.append(re.compile(r"lm_head\.weight"))
+    n = spec.hf_config.get("num_nextn_predict_layers") or 0
+    if n:  # multi-token-prediction layers after the last decoder layer: not part of the HF forward
+        layers = "|".join(str(spec.num_layers + k) for k in range(n))
+        out.append(re.compile(rf"model\.layers\.({layers})\..*"))
+    return out
+
+
+def _check_shapes(job: Job, hf_shapes: list[tuple[int, ...]]) -> None:
+    fakes = [torch.empty(s, device="meta") for s in hf_shapes]
+    try:
+        out = tuple(job.to_mcore(fakes).shape)
+    except RuntimeError as exc:
+        raise ConversionError(f"{job.mcore}: HF shapes {dict(zip(job.sources, hf_shapes))} do not fit "
+                              f"the {job.rule.transform.name} transform: {exc}") from None
+    if out != job.ctx.shape:
+        raise ConversionError(f"{job.mcore}: expects shape {job.ctx.shape}, HF tensors "
+                              f"{dict(zip(job.sources, hf_shapes))} give {out}")

@@ -1,0 +1,72 @@
+"""Process-group set-up and the CPU patches megatron-core needs to run a forward pass without CUDA."""
+from __future__ import annotations
+
+import contextlib
+import os
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+
+def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+    """Start a process group (gloo on CPU, nccl on CUDA) and megatron's parallel state.
+
+    Single process when not launched by torchrun; under torchrun the sizes must fit the world.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    want = (tp, pp, ep, etp or tp)
+    if ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+        if have == want:
+            return
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(1234)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cpu_patches():
+    """Let megatron-core's GPTModel run forward / save on CPU (REFERENCE.md §7); no-op with CUDA.
+
+    Scoped: the patches are undone on exit so library users keep the real torch.cuda.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
+        stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(tracker, "fork", lambda *a, **k: contextlib.nullcontext()))
+        yield
+
+
+def causal_mask(seq_len: int, device) -> torch.Tensor:
+    """Boolean [1, 1, s, s] mask, True = masked: the local-spec attention needs it explicitly."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]

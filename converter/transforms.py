@@ -1,0 +1,79 @@
+"""Pure tensor transforms between HF and Megatron-Core layouts, each with its inverse.
+
+`to_mcore(sources, ctx)` takes the HF tensors in the order a rule lists them and returns the Megatron tensor;
+`to_hf(tensor, ctx)` returns the HF tensors in that same order. `ctx` carries the spec and the target shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ctx:
+    heads: int
+    groups: int
+    head_dim: int
+    shape: tuple[int, ...]  # Megatron tensor shape (vocab rows may be padded)
+    hf_rows: int = 0  # HF row count for vocab tensors
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    to_mcore: Callable[[list[torch.Tensor], Ctx], torch.Tensor]
+    to_hf: Callable[[torch.Tensor, Ctx], list[torch.Tensor]]
+
+
+def _qkv_merge(src, c: Ctx):
+    q, k, v = src
+    per = c.heads // c.groups
+    rest = q.shape[1:]  # () for biases, (h,) for weights
+    grouped = [q.reshape(c.groups, per * c.head_dim, *rest), k.reshape(c.groups, c.head_dim, *rest),
+               v.reshape(c.groups, c.head_dim, *rest)]
+    return torch.cat(grouped, dim=1).reshape(-1, *rest)
+
+
+def _qkv_split(w, c: Ctx):
+    per = c.heads // c.groups
+    rest = w.shape[1:]
+    g = w.reshape(c.groups, (per + 2) * c.head_dim, *rest)
+    q, k, v = torch.split(g, [per * c.head_dim, c.head_dim, c.head_dim], dim=1)
+    return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+
+
+def _fused_qkv_merge(src, c: Ctx):
+    q, k, v = torch.split(src[0], [c.heads * c.head_dim, c.groups * c.head_dim, c.groups * c.head_dim])
+    return _qkv_merge([q, k, v], c)
+
+
+def _fused_qkv_split(w, c: Ctx):
+    return [torch.cat(_qkv_split(w, c))]
+
+
+def _pad_rows(src, c: Ctx):
+    t = src[0]
+    if t.shape[0] == c.shape[0]:
+        return t
+    return torch.cat([t, t.new_zeros(c.shape[0] - t.shape[0], *t.shape[1:])])
+
+
+def _interleaved_to_halves(src, c: Ctx):
+    """Rows stored gate,up,gate,up,... (gpt-oss) -> [gate; up]."""
+    t = src[0]
+    return torch.cat([t[0::2], t[1::2]])
+
+
+def _halves_to_interleaved(w, c: Ctx):
+    g, u = w.chunk(2)
+    return [torch.stack([g, u], dim=1).reshape(w.shape)]
+
+
+COPY = Transform("copy", lambda s, c: s[0], lambda w, c: [w])
+QKV = Transform("qkv", _qkv_merge, _qkv_split)
+FUSED_QKV = Transform("fused_qkv", _fused_qkv_merge, _fused_qkv_split)
+GATE_UP = Transform("gate_up", lambda s, c: torch.cat(s), lambda w, c: list(w.chunk(2)))
+VOCAB = Transform("vocab", _pad_rows, lambda w, c: [w[: c.hf_rows]])
+INTERLEAVED_GATE_UP = Transform("interleaved_gate_up", _interleaved_to_halves, _halves_to_interleaved)

@@ -1,0 +1,16 @@
+"""Registry: HF architecture class -> family. One module per family; this file only lists them."""
+from . import deepseek, llama, mixtral, phi3, qwen_moe, unsupported
+from .base import Family, Rule
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, phi3.FAMILY, mixtral.FAMILY, qwen_moe.FAMILY, deepseek.FAMILY,
+                        *unsupported.FAMILIES)
+}
+BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES.values() for a in f.architectures}
+
+
+def supported() -> list[str]:
+    return sorted(name for name, f in FAMILIES.items() if not f.refuse)
+
+
+__all__ = ["FAMILIES", "BY_ARCHITECTURE", "Family", "Rule", "supported"]

@@ -1,0 +1,20 @@
+"""Known architectures megatron-core's GPTModel cannot express exactly; each names what is missing."""
+from .base import Family
+
+FAMILIES = (
+    Family("gemma2", {"Gemma2ForCausalLM": {}, "Gemma3ForCausalLM": {}},
+           refuse="attn_logit_softcapping / final_logit_softcapping (no logit soft-capping in megatron-core), "
+                  "post_attention / post_feedforward norms around each block (not in the megatron-core layer) and "
+                  "the sqrt(hidden_size) embedding scale"),
+    Family("llama4", {"Llama4ForConditionalGeneration": {}, "Llama4ForCausalLM": {}},
+           refuse="rope_scaling llama3 with low_freq_factor/high_freq_factor other than 1/4 (megatron-core hard-codes "
+                  "1 and 4), per-layer NoPE with temperature tuning (attn_temperature_tuning) and chunked attention "
+                  "(attention_chunk_size)"),
+    Family("gpt_oss", {"GptOssForCausalLM": {}},
+           refuse="MXFP4-packed experts with attention sinks, the clamped GLU (swiglu_limit) and expert biases "
+                  "(not yet mapped by hf2mcore)"),
+    Family("nemotron_h", {"NemotronHForCausalLM": {}},
+           refuse="hybrid Mamba-2 layers (hybrid_override_pattern); GPTModel has no Mamba layers"),
+    Family("qwen3_next", {"Qwen3NextForCausalLM": {}},
+           refuse="hybrid gated-DeltaNet linear-attention layers (full_attention_interval); GPTModel has none"),
+)

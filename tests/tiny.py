@@ -1,0 +1,65 @@
+"""Tiny random HF models with the architecture and flags of a real config (small sizes), saved as safetensors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "hf_configs"
+
+
+def real_config(name: str) -> dict:
+    for base in (CONFIGS, Path("/work/shared/hf_configs")):
+        p = base / name / "config.json"
+        if p.is_file():
+            return json.loads(p.read_text())
+    raise FileNotFoundError(name)
+
+
+def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
+    """Same architecture and flags, small sizes; GQA ratio and head_dim != hidden/heads are kept."""
+    c = dict(cfg)
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    ratio = max(1, heads // kv)
+    c.update(hidden_size=64, num_attention_heads=8, num_key_value_heads=max(1, 8 // ratio),
+             intermediate_size=96, vocab_size=384, num_hidden_layers=layers)
+    if "head_dim" in c:
+        c["head_dim"] = 16  # 8 heads * 16 = 128 != hidden 64, as in Qwen3
+    for k in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if c.get(k):
+            c[k] = experts
+    if c.get("num_experts_per_tok"):
+        c["num_experts_per_tok"] = min(2, experts)
+    if c.get("moe_intermediate_size"):
+        c["moe_intermediate_size"] = 32
+    if c.get("first_k_dense_replace"):
+        c["first_k_dense_replace"] = 1
+        c["num_hidden_layers"] = layers + 1
+    if c.get("mlp_only_layers"):
+        c["mlp_only_layers"] = [0]
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(c.get(k), int) and c[k] >= c["vocab_size"]:
+            c[k] = c["vocab_size"] - 1
+        elif isinstance(c.get(k), list):
+            c[k] = [min(t, c["vocab_size"] - 1) for t in c[k]]
+    c.pop("quantization_config", None)
+    return c
+
+
+def make_model(cfg: dict, out: Path, dtype=torch.float32, seed: int = 0) -> Path:
+    """Instantiate with random weights (norms and biases perturbed too, so a swapped tensor shows) and save."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    config.architectures = cfg.get("architectures")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    return out
