@@ -1,0 +1,155 @@
+"""Command line: parse, call the library, turn known errors into one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import ConversionError
+
+
+def _quiet() -> None:
+    # megatron-core logs a GPTModel deprecation notice and CPU fallbacks on every build; not the user's concern.
+    warnings.filterwarnings("ignore")
+    for name in ("megatron", "megatron.core", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _hf_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from .default_model import smollm2_dir
+
+    print("no HF_DIR given: using the embedded SmolLM2-135M-Instruct", file=sys.stderr)
+    return smollm2_dir()
+
+
+def cmd_inspect(a) -> int:
+    from .convert import args_fragment
+    from .derive import derive, hf_param_count, mcore_param_count
+
+    spec = derive(_hf_dir(a.path), family=a.family)
+    if a.format == "args":
+        for w in spec.warnings:
+            print(f"# WARNING: {w}")
+        print(args_fragment(spec, a.tp, a.pp, a.ep, a.etp))
+        return 0
+    args = spec.megatron_args(a.tp)
+    if a.format == "json":
+        params = {"hf": hf_param_count(spec), "megatron": mcore_param_count(spec)}
+        print(json.dumps({"architecture": spec.architecture, "family": spec.family, "megatron_args": args,
+                          "params": params, "warnings": list(spec.warnings)}, indent=2))
+        return 0
+    print(f"{spec.architecture}  (family: {spec.family})")
+    width = max(map(len, args))
+    for k, v in args.items():
+        print(f"  {k:<{width}}  {v}")
+    for w in spec.warnings:
+        print(f"WARNING: {w}")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .convert import convert
+
+    hf = _hf_dir(a.hf_dir)
+    out = Path(a.out_dir) if a.out_dir else Path("out") / hf.name
+    convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
+            family=a.family, progress=not a.no_progress)
+    print(f"wrote {out} (Megatron-LM: --load {out} --ckpt-format torch_dist; flags in {out}/megatron_args.sh)")
+    if a.verify:
+        return _report(hf, out, a)
+    return 0
+
+
+def cmd_verify(a) -> int:
+    return _report(_hf_dir(a.hf_dir), Path(a.mcore_dir), a)
+
+
+def _report(hf: Path, out: Path, a) -> int:
+    from .verify import verify
+
+    r = verify(hf, out, device=getattr(a, "device", "cpu"), family=a.family, tol=a.tol)
+    print(f"verify: max abs err {r['max_abs_err']:.3g}, rel err {r['rel_err']:.3g} (tolerance {r['tolerance']:g}), "
+          f"top-1 agreement {100 * r['top1_agreement']:.1f}% over {r['tokens']} tokens -> "
+          + ("OK" if r["ok"] else "FAILED"))
+    return 0 if r["ok"] else 1
+
+
+def cmd_export(a) -> int:
+    from .export import export
+
+    out = export(a.mcore_dir, a.out_dir, like=a.like, dtype=a.dtype, shard_size=a.shard_size,
+                 overwrite=a.overwrite, family=a.family, progress=not a.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf2mcore", description="Hugging Face <-> Megatron-Core checkpoints")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, parallel=True):
+        sp.add_argument("--family", help="treat the model as this family (for architectures not listed)")
+        if parallel:
+            for k in ("tp", "pp", "ep"):
+                sp.add_argument(f"--{k}", type=int, default=1)
+            sp.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
+
+    sp = sub.add_parser("inspect", help="print the Megatron settings derived from config.json")
+    sp.add_argument("path", nargs="?", help="checkpoint directory or config.json (default: embedded SmolLM2)")
+    sp.add_argument("--format", choices=("table", "json", "args"), default="table")
+    common(sp)
+    sp.set_defaults(fn=cmd_inspect)
+
+    sp = sub.add_parser("convert", help="HF safetensors -> Megatron-LM torch_dist checkpoint")
+    sp.add_argument("hf_dir", nargs="?", help="HF checkpoint directory (default: embedded SmolLM2)")
+    sp.add_argument("out_dir", nargs="?", help="output directory (default: out/<model name>)")
+    sp.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--verify", action="store_true", help="compare logits with HF after converting")
+    sp.add_argument("--tol", type=float, default=1e-5)
+    sp.add_argument("--no-progress", action="store_true")
+    common(sp)
+    sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("verify", help="compare Megatron-Core logits with HF transformers")
+    sp.add_argument("hf_dir")
+    sp.add_argument("mcore_dir")
+    sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    sp.add_argument("--tol", type=float, default=1e-5, help="largest relative logit error accepted")
+    common(sp, parallel=False)
+    sp.set_defaults(fn=cmd_verify)
+
+    sp = sub.add_parser("export", help="Megatron-Core torch_dist checkpoint -> HF safetensors")
+    sp.add_argument("mcore_dir")
+    sp.add_argument("out_dir")
+    sp.add_argument("--like", help="HF directory whose config and tokenizer describe the model")
+    sp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+    sp.add_argument("--shard-size", default="5GB")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--no-progress", action="store_true")
+    common(sp, parallel=False)
+    sp.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    _quiet()
+    try:
+        return a.fn(a)
+    except ConversionError as exc:
+        print(f"hf2mcore: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # unreadable paths, bad numbers: still the user's input
+        print(f"hf2mcore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Megatron-Core torch_dist checkpoint -> HF safetensors: the import plan run backwards, one tensor at a time."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .convert import parse_dtype
+from .derive import derive, read_config
+from .errors import ConversionError
+from .hf_io import write_sharded
+from .mcore_io import CONTENT_METADATA, find_checkpoint
+from .plan import Plan, build_plan, mcore_shapes
+from .progress import Progress
+from .runtime import cpu_patches, ensure_distributed
+
+LIKE_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt|"
+                        r"chat_template.*)")
+
+
+def parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
+    if not m:
+        raise ConversionError(f"cannot read size {s!r} (e.g. 5GB, 500MB)")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
+
+
+def _source_config(root: Path, like: Path | None) -> dict:
+    if like is not None:
+        return read_config(like)
+    recorded = root / "hf_config.json"
+    if recorded.is_file():
+        return read_config(recorded)
+    raise ConversionError(f"{root} records no HF config (not written by hf2mcore convert); pass --like HF_DIR")
+
+
+def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Megatron name, full tensor) pairs read one at a time from a torch_dist checkpoint of any TP/PP/EP."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+    for name in plan.jobs:
+        entry = sharded[name]
+        key = entry.key
+        if key not in stored:
+            raise ConversionError(f"{ckpt} has no tensor {key} (needed for {name}): not this architecture?")
+        dt = stored[key].dtype
+        real = dataclasses.replace(entry, data=torch.empty(entry.data.shape, dtype=dt))
+        try:
+            with cpu_patches():
+                loaded = dist_checkpointing.load({name: real}, str(ckpt), validate_access_integrity=False,
+                                                 strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        except Exception as exc:  # megatron's shape validation: the config does not describe this checkpoint
+            raise ConversionError(f"cannot read {key} from {ckpt}: {str(exc).splitlines()[0][:300]}") from exc
+        t = loaded[name]
+        yield name, t if dtype is None else t.to(dtype)
+
+
+def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | None = None,
+           dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB", overwrite: bool = False,
+           family: str | None = None, progress: bool = True) -> Path:
+    root, out_dir = Path(mcore_dir), Path(out_dir)
+    like = Path(like) if like else None
+    ckpt = find_checkpoint(root)
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
+    cfg = _source_config(root if root != ckpt else ckpt.parent, like)
+    spec = derive(cfg, family=family)
+    dt = parse_dtype(dtype) if dtype else None
+    ensure_distributed()
+    model = spec.build_model(device="meta")
+    plan = build_plan(spec, mcore_shapes(model))
+    bar = Progress(len(plan.jobs), 0, "export", enabled=progress)
+
+    def hf_tensors():
+        for name, t in mcore_tensors(model, ckpt, plan, dt):
+            bar.update(t.numel() * t.element_size(), name)
+            yield from plan.jobs[name].to_hf(t)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # HF checkpoints list tensors in name order; keep that so files compare cleanly.
+        write_sharded(hf_tensors(), tmp, parse_size(shard_size))
+        bar.close()
+        out_cfg = dict(cfg)
+        if dt is not None:
+            out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2))
+        if like is not None:
+            for f in like.iterdir():
+                if f.is_file() and LIKE_FILES.fullmatch(f.name):
+                    shutil.copy2(f, tmp / f.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
