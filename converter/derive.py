@@ -27,6 +27,9 @@ ALIASES = {
     "moe_ffn": ("moe_intermediate_size",),
     "max_position_embeddings": ("max_position_embeddings", "n_positions", "seq_length"),
 }
+DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "attention_bias",
+             "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
+             "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step")
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
 # Megatron-core's llama3 rope scaling hard-codes these (rotary_pos_embedding._apply_scaling defaults).
 MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -83,10 +86,9 @@ def _hf_defaults(model_type: str | None) -> dict:
         d = CONFIG_MAPPING[model_type]().to_dict()
     except Exception:  # unknown or remote-code model type: the JSON must then be complete
         return {}
-    # Scalars only: list and dict defaults (layer_types, rope_parameters) describe the default model's shape
-    # and would contradict the real config's own fields.
-    skip = {"architectures", "vocab_size", "model_type", "transformers_version", "dtype", "torch_dtype"}
-    return {k: v for k, v in d.items() if k not in skip and not isinstance(v, (list, dict))}
+    # Only flags the modeling code reads with a class default; sizes such as head_dim are derived from
+    # other fields in the default instance and would contradict the real config.
+    return {k: d[k] for k in DEFAULTED if d.get(k) is not None}
 
 
 class _Deriver:

@@ -17,14 +17,13 @@ def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend=backend)
+        else:  # one process: an in-memory store, no port, nothing leaked into child processes' environment
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     want = (tp, pp, ep, etp or tp)
     if ps.model_parallel_is_initialized():
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
@@ -38,14 +37,6 @@ def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
 
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(1234)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

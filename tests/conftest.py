@@ -1,0 +1,50 @@
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+warnings.filterwarnings("ignore")
+logging.getLogger("megatron").setLevel(logging.ERROR)
+
+from tiny import make_model, real_config, shrink  # noqa: E402
+
+# Supported families, each a real config (tiny sizes in tests)
+FAMILY_CONFIGS = [
+    "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Llama-3.1-8B",  # llama3 rope scaling
+    "meta-llama/Llama-3.2-1B",  # tied embeddings
+    "mistralai/Mistral-7B-v0.1",
+    "Qwen/Qwen2.5-7B",  # qkv bias
+    "Qwen/Qwen3-8B",  # qk norm, head_dim != hidden/heads
+    "microsoft/Phi-3-mini-4k-instruct",  # fused qkv and gate_up
+    "mistralai/Mixtral-8x7B-v0.1",  # MoE
+    "Qwen/Qwen3-30B-A3B",  # MoE + qk norm
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """name -> directory of a tiny fp32 HF model, made once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def get(name: str, dtype="fp32"):
+        import torch
+
+        key = (name, dtype)
+        if key not in cache:
+            cache[key] = make_model(shrink(real_config(name)), root / f"{name.replace('/', '_')}_{dtype}",
+                                    dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from converter.default_model import smollm2_dir
+
+    return smollm2_dir()

@@ -1,0 +1,176 @@
+"""derive(): Megatron settings from config.json, checked against transformers and against the hand-written confs."""
+import glob
+import json
+import subprocess
+import sys
+
+import pytest
+
+from converter import ConversionError, derive
+from converter.derive import hf_param_count, mcore_param_count
+from tiny import CONFIGS, real_config
+
+ALL = sorted(p.split("hf_configs/")[1].removesuffix("/config.json")
+             for p in glob.glob(str(CONFIGS / "*" / "*" / "config.json")))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_param_count_matches_hf_or_refused_by_name(name):
+    try:
+        spec = derive(CONFIGS / name)
+        megatron = mcore_param_count(spec)
+    except ConversionError as exc:
+        # a refusal must name what is unsupported, never be a bare failure
+        assert "not supported" in str(exc) or "cannot" in str(exc), str(exc)
+        return
+    assert megatron == hf_param_count(spec)
+
+
+def test_all_configs_are_covered():
+    assert len(ALL) == 29
+
+
+def _args(name, tp=1):
+    return derive(CONFIGS / name).megatron_args(tp)
+
+
+# Architectural flags of Megatron-LM's examples/post_training/modelopt/conf files, with HF's values where the
+# conf is wrong (docs/derivation.md lists each such case).
+CONF = {
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, group_query_attention=True,
+        num_query_groups=8, kv_channels=128, normalization="RMSNorm", norm_epsilon=1e-5, swiglu=True,
+        untie_embeddings_and_output_weights=True, disable_bias_linear=True, position_embedding_type="rope",
+        rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=8, padded_vocab_size=128256),
+    "meta-llama/Llama-3.2-1B-Instruct": dict(  # conf says rope factor 8; HF says 32
+        num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
+        kv_channels=64, norm_epsilon=1e-5, rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=32),
+    "Qwen/Qwen2.5-7B-Instruct": dict(  # conf leaves eps at 1e-5; HF says 1e-6
+        num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
+        add_qkv_bias=True, norm_epsilon=1e-6, rotary_base=1000000, untie_embeddings_and_output_weights=True,
+        padded_vocab_size=152064),
+    "Qwen/Qwen3-8B": dict(
+        num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, qk_layernorm=True, norm_epsilon=1e-6, rotary_base=1000000, padded_vocab_size=151936),
+    "Qwen/Qwen3-30B-A3B": dict(
+        num_layers=48, hidden_size=2048, num_attention_heads=32, num_query_groups=4, kv_channels=128,
+        qk_layernorm=True, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+        moe_router_score_function="softmax", norm_epsilon=1e-6),
+    "deepseek-ai/DeepSeek-V2-Lite": dict(
+        num_layers=27, hidden_size=2048, ffn_hidden_size=10944, num_attention_heads=16,
+        multi_latent_attention=True, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
+        num_experts=64, moe_router_topk=6, moe_ffn_hidden_size=1408, moe_shared_expert_intermediate_size=2816,
+        moe_layer_freq="[" + ",".join(["0"] + ["1"] * 26) + "]", moe_router_pre_softmax=True),
+    "deepseek-ai/DeepSeek-V3": dict(
+        num_layers=61, multi_latent_attention=True, q_lora_rank=1536, num_experts=256, moe_router_topk=8,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=8,
+        moe_router_group_topk=4, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=2048),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONF))
+def test_flags_agree_with_megatron_conf(name):
+    got = _args(name)
+    for k, v in CONF[name].items():
+        assert got.get(k) == v, (k, got.get(k), v)
+
+
+def test_vocab_is_pinned_at_every_tp():
+    for tp in (1, 2, 4, 8):
+        assert _args("meta-llama/Llama-3.1-8B", tp)["padded_vocab_size"] == 128256
+    assert _args("microsoft/Phi-3-mini-4k-instruct", 128)["padded_vocab_size"] == 32128  # padded only when needed
+
+
+def test_rope_aliases_transformers4_and_5():
+    v4 = real_config("meta-llama/Llama-3.1-8B")
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {**v4["rope_scaling"], "rope_theta": v4["rope_theta"]}
+    assert derive(v4).rope == derive(v5).rope
+    assert derive(v5).rope.kind == "llama3" and derive(v5).rope.theta == 500000
+
+
+def test_text_config_of_multimodal_wrapper_is_read():
+    inner = real_config("meta-llama/Llama-3.1-8B")
+    wrapped = {"architectures": ["LlamaForCausalLM"], "model_type": "llava", "text_config": inner}
+    assert derive(wrapped).hidden_size == 4096
+
+
+def test_remote_code_config_with_known_class():
+    cfg = real_config("deepseek-ai/DeepSeek-V3")
+    cfg["model_type"] = "kimi_k2"  # remote code: transformers does not know it; the class name decides
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    spec = derive(cfg)
+    assert spec.mla is not None and spec.moe.num_experts == 256
+
+
+def test_family_traits():
+    assert derive(CONFIGS / "Qwen/Qwen2.5-7B").add_qkv_bias
+    q3 = derive(CONFIGS / "Qwen/Qwen3-8B")
+    assert q3.qk_layernorm and q3.kv_channels == 128
+    mix = derive(CONFIGS / "mistralai/Mixtral-8x7B-v0.1")
+    assert mix.moe.num_experts == 8 and mix.moe.topk == 2 and not mix.moe.pre_softmax
+    assert mix.moe.ffn_hidden_size == 14336
+    assert derive(CONFIGS / "meta-llama/Llama-3.2-1B").tie_word_embeddings
+    assert any("sliding_window" in w for w in derive(CONFIGS / "mistralai/Mistral-7B-v0.1").warnings)
+
+
+@pytest.mark.parametrize("name,feature", [
+    ("google/gemma-2-2b", "softcapping"),
+    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "high_freq_factor"),
+    ("nvidia/Nemotron-H-56B-Base-8K", "Mamba"),
+    ("Qwen/Qwen3-Next-80B-A3B-Thinking", "linear-attention"),
+    ("openai/gpt-oss-20b", "MXFP4"),
+])
+def test_refusals_name_the_feature(name, feature):
+    with pytest.raises(ConversionError, match=feature):
+        derive(CONFIGS / name)
+
+
+def test_mla_build_is_refused_by_name():
+    with pytest.raises(ConversionError, match="multi-latent attention"):
+        derive(CONFIGS / "deepseek-ai/DeepSeek-V2-Lite").build_model(device="meta")
+
+
+def test_family_override_for_unknown_architecture():
+    cfg = real_config("meta-llama/Llama-3.1-8B")
+    cfg["architectures"] = ["MyLlamaForCausalLM"]
+    with pytest.raises(ConversionError, match="unknown architecture.*known families: .*llama"):
+        derive(cfg)
+    assert derive(cfg, family="llama").num_layers == 32
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "converter", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda c: c.update(num_key_value_heads=5), "num_key_value_heads"),
+    (lambda c: (c.update(hidden_size=4100)), "head_dim"),
+    (lambda c: c.update(architectures=["FooForCausalLM"]), "FooForCausalLM"),
+    (lambda c: c.pop("num_hidden_layers"), "num_hidden_layers"),
+    (lambda c: c.update(hidden_act="relu"), "hidden_act"),
+])
+def test_bad_config_gives_one_line_exit_2(tmp_path, edit, field):
+    cfg = real_config("meta-llama/Llama-2-7b-hf")
+    edit(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = _cli("inspect", tmp_path)
+    assert r.returncode == 2 and field in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_missing_and_malformed_config(tmp_path):
+    r = _cli("inspect", tmp_path)
+    assert r.returncode == 2 and "no config.json" in r.stderr
+    (tmp_path / "config.json").write_text("{not json")
+    r = _cli("inspect", tmp_path)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_json_and_args():
+    r = _cli("inspect", CONFIGS / "Qwen/Qwen3-0.6B", "--format", "json")
+    out = json.loads(r.stdout)
+    assert out["params"]["hf"] == out["params"]["megatron"] == 596049920
+    assert out["megatron_args"]["qk_layernorm"] is True
+    r = _cli("inspect", CONFIGS / "Qwen/Qwen3-0.6B", "--format", "args", "--tp", "2")
+    assert "--qk-layernorm" in r.stdout and "--num-query-groups 8" in r.stdout
+    assert "--tensor-model-parallel-size 2" in r.stdout
