@@ -15,7 +15,7 @@ from .convert import parse_dtype
 from .derive import derive, read_config
 from .errors import ConversionError
 from .hf_io import write_sharded
-from .mcore_io import CONTENT_METADATA, find_checkpoint
+from .mcore_io import ChunkReader, find_checkpoint, params_from_checkpoint
 from .plan import Plan, build_plan, mcore_shapes
 from .progress import Progress
 from .runtime import cpu_patches, ensure_distributed
@@ -43,27 +43,18 @@ def _source_config(root: Path, like: Path | None) -> dict:
 
 
 def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Megatron name, full tensor) pairs read one at a time from a torch_dist checkpoint of any TP/PP/EP."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
-    for name in plan.jobs:
-        entry = sharded[name]
-        key = entry.key
-        if key not in stored:
-            raise ConversionError(f"{ckpt} has no tensor {key} (needed for {name}): not this architecture?")
-        dt = stored[key].dtype
-        real = dataclasses.replace(entry, data=torch.empty(entry.data.shape, dtype=dt))
-        try:
-            with cpu_patches():
-                loaded = dist_checkpointing.load({name: real}, str(ckpt), validate_access_integrity=False,
-                                                 strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-        except Exception as exc:  # megatron's shape validation: the config does not describe this checkpoint
-            raise ConversionError(f"cannot read {key} from {ckpt}: {str(exc).splitlines()[0][:300]}") from exc
-        t = loaded[name]
+    """(Megatron name, full tensor) pairs, one at a time, from a torch_dist checkpoint saved at any TP/PP/EP."""
+    reader = ChunkReader(ckpt)
+    for name, t in params_from_checkpoint(model, reader, names=list(plan.jobs)):
         yield name, t if dtype is None else t.to(dtype)
+
+
+def _recorded_dtype(root: Path, cfg: dict) -> torch.dtype | None:
+    """The dtype the weights were converted in (megatron-core keeps norms in fp32 whatever params_dtype is)."""
+    manifest = root / "hf2mcore.json"
+    name = json.loads(manifest.read_text()).get("dtype") if manifest.is_file() else None
+    name = name or cfg.get("dtype") or cfg.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
 def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | None = None,
@@ -76,7 +67,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
         raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
     cfg = _source_config(root if root != ckpt else ckpt.parent, like)
     spec = derive(cfg, family=family)
-    dt = parse_dtype(dtype) if dtype else None
+    dt = parse_dtype(dtype) if dtype else _recorded_dtype(ckpt.parent, cfg)
     ensure_distributed()
     model = spec.build_model(device="meta")
     plan = build_plan(spec, mcore_shapes(model))

@@ -8,6 +8,7 @@ stacked layers, global expert axis, gate/up halves), and PyTorch DCP writes it w
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Callable
 
@@ -130,6 +131,102 @@ def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, c
     with cpu_patches():
         dist_checkpointing.save(sharded, str(ckpt_dir), sharded_strategy=_strategy_class()(resolver),
                                 content_metadata=dict(CONTENT_METADATA))
+
+
+class ChunkReader:
+    """Reads any box of a tensor stored in a torch_dist checkpoint, touching only the chunks that overlap it.
+
+    The chunks are the pieces the saving ranks wrote (one per layer, TP rank, expert ...): whatever TP/PP/EP
+    a checkpoint was saved with, a region is assembled from them, so memory stays at one tensor.
+    """
+
+    def __init__(self, ckpt: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.dir = Path(ckpt)
+        try:
+            self.md = FileSystemReader(str(ckpt)).read_metadata()
+        except Exception as exc:
+            raise ConversionError(f"cannot read {ckpt}/.metadata: {exc}") from exc
+
+    def has(self, key: str) -> bool:
+        return key in self.md.state_dict_metadata
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.md.state_dict_metadata[key].properties.dtype
+
+    def read(self, key: str, offset: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if key not in self.md.state_dict_metadata:
+            raise ConversionError(f"{self.dir} has no tensor {key}: not a checkpoint of this architecture?")
+        tm = self.md.state_dict_metadata[key]
+        if len(tm.size) != len(size) or any(o + n > g for o, n, g in zip(offset, size, tm.size)):
+            raise ConversionError(f"{key}: the model needs {tuple(size)} at {tuple(offset)}, the checkpoint holds "
+                                  f"{tuple(tm.size)}: not a checkpoint of this architecture?")
+        out = torch.empty(size, dtype=tm.properties.dtype)
+        covered = 0
+        for chunk in tm.chunks:
+            lo = [max(o, c) for o, c in zip(offset, chunk.offsets)]
+            hi = [min(o + n, c + m) for o, n, c, m in zip(offset, size, chunk.offsets, chunk.sizes)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            data = self._chunk(MetadataIndex(key, chunk.offsets))
+            src = data[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets))]
+            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))] = src
+            covered += src.numel()
+        if covered != out.numel():
+            raise ConversionError(f"{key}: the checkpoint's chunks cover {covered} of {out.numel()} values "
+                                  "(missing .distcp file?)")
+        return out
+
+    def _chunk(self, index) -> torch.Tensor:
+        info = self.md.storage_data.get(index)
+        if info is None:
+            raise ConversionError(f"{self.dir}/.metadata lists no storage for {index.fqn} at {index.offset}")
+        if info.transform_descriptors:
+            raise ConversionError(f"{index.fqn}: stored with transforms {info.transform_descriptors}; unsupported")
+        path = self.dir / info.relative_path
+        try:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                raw = f.read(info.length)
+            if len(raw) != info.length:
+                raise ConversionError(f"{path} is truncated")
+            return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"cannot read {index.fqn} from {path}: {exc}") from exc
+
+
+def params_from_checkpoint(model, reader: ChunkReader, names: list[str]):
+    """Yield (name, tensor) for the parameters `names` of `model` (meta is fine), read from the checkpoint.
+
+    megatron-core's sharded state dict says where each parameter (or each view of it, e.g. the gate and up
+    halves of linear_fc1) lives in the checkpoint; the views are filled in the real tensor with as_strided.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+    apply_factories(sharded)
+    params = {n: t for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+    by_storage = {_storage_key(t): n for n, t in params.items()}
+    pieces: dict[str, list] = {}
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.data is not None:
+            pieces.setdefault(by_storage.get(_storage_key(sh.data), ""), []).append(sh)
+    for name in names:
+        if name not in pieces:
+            raise ConversionError(f"internal: {name} has no place in megatron-core's sharded state dict")
+        first = pieces[name][0]
+        buf = torch.empty(params[name].shape, dtype=reader.dtype(first.key) if reader.has(first.key) else None)
+        for sh in pieces[name]:
+            size = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
+            region = reader.read(sh.key, tuple(sh.global_offset), size).reshape(sh.data.shape)
+            buf.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset()).copy_(region)
+        yield name, buf
 
 
 def megatron_lm_common(spec, tp: int, pp: int, ep: int, etp: int | None, dtype: torch.dtype) -> dict:

@@ -1,0 +1,172 @@
+"""convert / verify / export on tiny models of every supported family, the real SmolLM2, and bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import FAMILY_CONFIGS
+from converter import ConversionError
+from converter.convert import convert
+from converter.export import export
+from converter.verify import verify
+
+
+def _tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def assert_bit_exact(a_dir, b_dir):
+    a, b = _tensors(a_dir), _tensors(b_dir)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_family_converts_verifies_and_round_trips(name, tiny_models, tmp_path):
+    hf = tiny_models(name)
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert {"metadata.json", ".metadata"} <= {p.name for p in (out / "release").iterdir()}
+    r = verify(hf, out)
+    assert r["rel_err"] < 1e-5 and r["top1_agreement"] == 1.0, r
+    back = export(out, tmp_path / "hf_back", progress=False)
+    assert_bit_exact(hf, back)
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.2-1B", "mistralai/Mixtral-8x7B-v0.1"])
+def test_bf16_round_trip_is_bit_exact(name, tiny_models, tmp_path):
+    hf = tiny_models(name, "bf16")
+    out = convert(hf, tmp_path / "mc", dtype="bf16", progress=False)
+    assert_bit_exact(hf, export(out, tmp_path / "back", progress=False))
+    assert verify(hf, out)["ok"]
+
+
+def test_smollm2_real_model(smollm2, tmp_path):
+    out = convert(smollm2, tmp_path / "mc", dtype="fp32", progress=False)
+    r = verify(smollm2, out)
+    assert r["rel_err"] < 1e-5 and r["top1_agreement"] == 1.0 and r["tokens"] > 50, r
+    back = export(out, tmp_path / "back", like=smollm2, progress=False)
+    assert_bit_exact(smollm2, back)
+    assert (back / "tokenizer.json").is_file()
+    args = (out / "megatron_args.sh").read_text()
+    assert "--num-query-groups 3" in args and "--untie-embeddings-and-output-weights" not in args
+
+
+def test_smollm2_bf16_export_casts_back(smollm2, tmp_path):
+    out = convert(smollm2, tmp_path / "mc", dtype="bf16", progress=False)
+    back = export(out, tmp_path / "back", progress=False, shard_size="100MB")
+    assert (back / "model.safetensors.index.json").is_file()  # sharded
+    src, got = _tensors(smollm2), _tensors(back)
+    assert sorted(src) == sorted(got)
+    for k in src:
+        assert torch.equal(src[k].to(torch.bfloat16), got[k]), k
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "converter", *map(str, args)], capture_output=True, text=True)
+
+
+def _copy(hf, dst):
+    shutil.copytree(hf, dst)
+    return dst
+
+
+def test_existing_output_needs_overwrite(tiny_models, tmp_path):
+    hf = tiny_models("meta-llama/Llama-2-7b-hf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    r = _cli("convert", hf, tmp_path / "out", "--no-progress")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+    r = _cli("convert", hf, tmp_path / "out", "--no-progress", "--overwrite")
+    assert r.returncode == 0 and not (tmp_path / "out" / "keep").exists()
+
+
+def _assert_fails_cleanly(hf, tmp_path, match):
+    r = _cli("convert", hf, tmp_path / "out", "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp leftovers
+
+
+def test_truncated_safetensors(tiny_models, tmp_path):
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
+    f = hf / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _assert_fails_cleanly(hf, tmp_path, "model.safetensors")
+
+
+def test_corrupt_header(tiny_models, tmp_path):
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
+    (hf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    _assert_fails_cleanly(hf, tmp_path, "cannot read")
+
+
+def _rewrite(hf, fn):
+    from safetensors.torch import save_file
+
+    t = _tensors(hf)
+    fn(t)
+    save_file(t, str(hf / "model.safetensors"))
+
+
+def test_missing_tensor_is_named(tiny_models, tmp_path):
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
+    _rewrite(hf, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    _assert_fails_cleanly(hf, tmp_path, "model.layers.1.self_attn.k_proj.weight")
+
+
+def test_unused_tensor_is_named(tiny_models, tmp_path):
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
+    _rewrite(hf, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(3)}))
+    _assert_fails_cleanly(hf, tmp_path, "model.layers.0.mystery.weight")
+
+
+def test_wrong_shape_is_named(tiny_models, tmp_path):
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
+    _rewrite(hf, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(95, 64)}))
+    _assert_fails_cleanly(hf, tmp_path, "decoder.layers.0.mlp.linear_fc1.weight")
+
+
+def test_quantized_source_is_refused(tiny_models, tmp_path):
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    _assert_fails_cleanly(hf, tmp_path, "quant_method='fp8'")
+
+
+def test_parallel_sizes_are_validated(tiny_models, tmp_path):
+    hf = tiny_models("mistralai/Mixtral-8x7B-v0.1")
+    with pytest.raises(ConversionError, match="num_key_value_heads=2 is not divisible by tp=4"):
+        convert(hf, tmp_path / "o", tp=4, progress=False)
+    with pytest.raises(ConversionError, match="num_experts=4 is not divisible by ep=3"):
+        convert(hf, tmp_path / "o", ep=3, progress=False)
+    out = convert(hf, tmp_path / "o", tp=2, ep=2, progress=False)
+    args = (out / "megatron_args.sh").read_text()
+    assert "--tensor-model-parallel-size 2" in args and "--expert-model-parallel-size 2" in args
+
+
+def test_export_bad_input(tiny_models, tmp_path):
+    r = _cli("export", tmp_path, tmp_path / "x")
+    assert r.returncode == 2 and "not a Megatron checkpoint" in r.stderr
+    hf = tiny_models("meta-llama/Llama-2-7b-hf")
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
+    other = tiny_models("Qwen/Qwen3-8B")  # a different architecture as --like
+    r = _cli("export", out, tmp_path / "x", "--like", other)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "x").exists(), r.stderr
+    shutil.rmtree(out / "release" / "__0_0.distcp", ignore_errors=True)
+    (out / "release" / "__0_0.distcp").unlink(missing_ok=True)
+    r = _cli("export", out, tmp_path / "y")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "y").exists(), r.stderr
