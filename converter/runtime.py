@@ -55,6 +55,8 @@ def cpu_patches():
         stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
         stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(tracker, "fork", lambda *a, **k: contextlib.nullcontext()))
+        # tied embeddings under PP: megatron-core moves the shared weight to CUDA before its all-reduce
+        stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
         yield
 
 

@@ -166,7 +166,7 @@ class ModelSpec:
             bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
             masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
             use_cpu_initialization=True, perform_initialization=False,
-            params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp,
             sequence_parallel=False,

@@ -22,7 +22,8 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
     c = dict(cfg)
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     ratio = max(1, heads // kv)
-    c.update(hidden_size=64, num_attention_heads=8, num_key_value_heads=max(1, 8 // ratio),
+    # at least 2 kv heads (when the real model has several) so TP=2 tests can split query groups
+    c.update(hidden_size=64, num_attention_heads=8, num_key_value_heads=max(min(kv, 2), 8 // ratio),
              intermediate_size=96, vocab_size=384, num_hidden_layers=layers)
     if "head_dim" in c:
         c["head_dim"] = 16  # 8 heads * 16 = 128 != hidden 64, as in Qwen3
