@@ -1,0 +1,73 @@
+"""Wall time, CPU time and peak RSS of the I/O floor (read every input byte, write as many, synced) and of
+`hf2mcore convert`, each in a fresh process, median of --repeat runs. Prints a markdown table row per tool."""
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FLOOR = r"""
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+for name in sorted(os.listdir(src)):
+    if name.endswith(".safetensors"):
+        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+            while chunk := f.read(64 << 20):
+                g.write(chunk)
+            g.flush(); os.fsync(g.fileno())
+"""
+
+
+def measure(cmd):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, after.ru_maxrss / 1024  # MiB; maxrss of the largest child so far
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("hf_dir")
+    p.add_argument("--work", default="/tmp/hf2mcore-bench")
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    work = Path(a.work)
+    tools = {
+        "I/O floor (copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
+        "hf2mcore convert (1 process)": [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"),
+                                         "--overwrite", "--no-progress", "--dtype", "bf16"],
+    }
+    size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
+    print(f"input: {a.hf_dir} ({size:.2f} GiB)")
+    print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor |")
+    print("|---|---|---|---|---|")
+    floor = None
+    for name, cmd in tools.items():
+        runs = []
+        for _ in range(a.repeat):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
+            r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True, check=True)
+            runs.append(tuple(map(float, r.stdout.split())))
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        rss = max(r[2] for r in runs)
+        floor = floor or wall
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {wall / floor:.2f}x |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        print(*measure(sys.argv[2:]))
+    else:
+        main()
