@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shlex
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .derive import derive
+from .atomic import atomic_dir, refuse_existing
 from .errors import ConversionError
 from .hf_io import HFCheckpoint
 from .mcore_io import TRACKER, megatron_lm_common, release_dir, save_streaming
@@ -42,8 +41,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     dt = parse_dtype(dtype)
     spec = derive(hf_dir, family=family)
     spec.check_parallel(tp, pp, ep, etp)
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
+    refuse_existing(out_dir, overwrite)
     hf = HFCheckpoint(hf_dir)
     _refuse_quantized(spec, hf)
     ensure_distributed()
@@ -67,9 +65,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         bar.update(sum(_nbytes(hf, s) for s in job.sources), name)
         return out
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         t0 = time.time()
         save_streaming(model, make, release_dir(tmp), megatron_lm_common(spec, tp, pp, ep, etp, dt))
         bar.close()
@@ -79,12 +75,6 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         (tmp / TRACKER).write_text("release")
         _write_args(tmp, spec, tp, pp, ep, etp, dt)
         _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from .convert import parse_dtype
 from .derive import derive, read_config
+from .atomic import atomic_dir, refuse_existing
 from .errors import ConversionError
 from .hf_io import write_sharded
 from .mcore_io import ChunkReader, find_checkpoint, params_from_checkpoint
@@ -63,8 +63,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     root, out_dir = Path(mcore_dir), Path(out_dir)
     like = Path(like) if like else None
     ckpt = find_checkpoint(root)
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
+    refuse_existing(out_dir, overwrite)
     cfg = _source_config(root if root != ckpt else ckpt.parent, like)
     spec = derive(cfg, family=family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(ckpt.parent, cfg)
@@ -78,9 +77,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
             bar.update(t.numel() * t.element_size(), name)
             yield from plan.jobs[name].to_hf(t)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         # HF checkpoints list tensors in name order; keep that so files compare cleanly.
         write_sharded(hf_tensors(), tmp, parse_size(shard_size))
         bar.close()
@@ -92,10 +89,4 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
             for f in like.iterdir():
                 if f.is_file() and LIKE_FILES.fullmatch(f.name):
                     shutil.copy2(f, tmp / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
