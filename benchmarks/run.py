@@ -1,7 +1,6 @@
 """Wall time, CPU time and peak RSS of the I/O floor (read every input byte, write as many, synced) and of
 `hf2mcore convert`, each in a fresh process, median of --repeat runs. Prints a markdown table row per tool."""
 import argparse
-import os
 import resource
 import shutil
 import statistics

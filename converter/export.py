@@ -1,7 +1,6 @@
 """Megatron-Core torch_dist checkpoint -> HF safetensors: the import plan run backwards, one tensor at a time."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -18,7 +17,7 @@ from .hf_io import write_sharded
 from .mcore_io import ChunkReader, find_checkpoint, params_from_checkpoint
 from .plan import Plan, build_plan, mcore_shapes
 from .progress import Progress
-from .runtime import cpu_patches, ensure_distributed
+from .runtime import ensure_distributed
 
 LIKE_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt|"
                         r"chat_template.*)")
