@@ -43,7 +43,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     spec.check_parallel(tp, pp, ep, etp)
     refuse_existing(out_dir, overwrite)
     hf = HFCheckpoint(hf_dir)
-    _refuse_quantized(spec, hf)
+    refuse_quantized(spec, hf)
     ensure_distributed()
     model = spec.build_model(device="meta", dtype=dt)
     shapes = mcore_shapes(model)
@@ -85,7 +85,7 @@ def _nbytes(hf: HFCheckpoint, name: str) -> int:
     return n * hf.dtype(name).itemsize
 
 
-def _refuse_quantized(spec, hf: HFCheckpoint) -> None:
+def refuse_quantized(spec, hf: HFCheckpoint) -> None:
     q = spec.hf_config.get("quantization_config") or spec.hf_config.get("text_config", {}).get("quantization_config")
     if q:
         raise ConversionError(f"source checkpoint is quantized (quantization_config.quant_method="

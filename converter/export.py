@@ -80,12 +80,17 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
         # HF checkpoints list tensors in name order; keep that so files compare cleanly.
         write_sharded(hf_tensors(), tmp, parse_size(shard_size))
         bar.close()
-        out_cfg = dict(cfg)
-        if dt is not None:
-            out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2))
-        if like is not None:
-            for f in like.iterdir():
-                if f.is_file() and LIKE_FILES.fullmatch(f.name):
-                    shutil.copy2(f, tmp / f.name)
+        write_side_files(tmp, cfg, dt, like)
     return out_dir
+
+
+def write_side_files(out: Path, cfg: dict, dt: torch.dtype | None, like: Path | None) -> None:
+    """config.json (with the weights' dtype) and, from `like`, the tokenizer and generation files."""
+    out_cfg = dict(cfg)
+    if dt is not None:
+        out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(out_cfg, indent=2))
+    if like is not None:
+        for f in like.iterdir():
+            if f.is_file() and LIKE_FILES.fullmatch(f.name):
+                shutil.copy2(f, out / f.name)

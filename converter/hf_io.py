@@ -75,9 +75,12 @@ class HFCheckpoint:
         except Exception as exc:  # truncated file: safetensors raises on the short read
             raise ConversionError(f"cannot read tensor {name} from {self.file_of[name]}: {exc}") from exc
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, reading only those bytes."""
-        return self._slice(name)[start:stop]
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """A box of a tensor, reading only its bytes."""
+        try:
+            return self._slice(name)[index]
+        except Exception as exc:
+            raise ConversionError(f"cannot read {index} of tensor {name} from {self.file_of[name]}: {exc}") from exc
 
     def total_bytes(self) -> int:
         return sum(self._sizes.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -83,15 +84,8 @@ class _ViewResolver:
         self.names = {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items()
                       if isinstance(t, torch.Tensor)}
         self.make = make
-        self.pending: dict[str, int] = {}
+        self.pending = {n: len(v) for n, v in views_by_param(model, sharded_state_dict).items()}
         self.cache: dict[str, torch.Tensor] = {}
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        for v in nested_values(sharded_state_dict):
-            if isinstance(v, ShardedTensor) and v.data is not None:
-                n = self.name_of(v.data)
-                self.pending[n] = self.pending.get(n, 0) + 1
 
     def name_of(self, t: torch.Tensor) -> str:
         try:
@@ -114,6 +108,35 @@ class _ViewResolver:
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
+
+
+def views_by_param(model, sharded_state_dict) -> dict[str, list]:
+    """megatron-core's ShardedTensors grouped by the model tensor (state-dict name) whose storage they view.
+
+    Each says where its piece lives in the checkpoint (key, global offset, prepended layer/expert axes); a
+    parameter has several when megatron-core splits it (e.g. the gate and up halves of linear_fc1).
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    by_storage = {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items()
+                  if isinstance(t, torch.Tensor)}
+    out: dict[str, list] = {}
+    for sh in nested_values(sharded_state_dict):
+        if isinstance(sh, ShardedTensor) and sh.data is not None:
+            name = by_storage.get(_storage_key(sh.data))
+            if name is None:
+                raise ConversionError(f"internal: checkpoint entry {sh.key} is not a view of a model tensor")
+            out.setdefault(name, []).append(sh)
+    return out
+
+
+def sharded_views(model) -> dict[str, list]:
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+    apply_factories(sharded)
+    return views_by_param(model, sharded)
 
 
 def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict) -> None:
@@ -206,17 +229,8 @@ def params_from_checkpoint(model, reader: ChunkReader, names: list[str]):
     megatron-core's sharded state dict says where each parameter (or each view of it, e.g. the gate and up
     halves of linear_fc1) lives in the checkpoint; the views are filled in the real tensor with as_strided.
     """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
-    apply_factories(sharded)
-    params = {n: t for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
-    by_storage = {_storage_key(t): n for n, t in params.items()}
-    pieces: dict[str, list] = {}
-    for sh in nested_values(sharded):
-        if isinstance(sh, ShardedTensor) and sh.data is not None:
-            pieces.setdefault(by_storage.get(_storage_key(sh.data), ""), []).append(sh)
+    params = dict(model.state_dict(keep_vars=True))
+    pieces = sharded_views(model)
     for name in names:
         if name not in pieces:
             raise ConversionError(f"internal: {name} has no place in megatron-core's sharded state dict")
@@ -242,6 +256,50 @@ def megatron_lm_common(spec, tp: int, pp: int, ep: int, etp: int | None, dtype: 
     args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     args.iteration, args.consumed_train_samples, args.consumed_valid_samples = 0, 0, 0
     return {"args": args, "checkpoint_version": 3.0, "iteration": 0}
+
+
+def save_model(model, root: str | Path, spec, *, overwrite: bool = False, extra=None) -> Path:
+    """Save a live (possibly parallel) model as a Megatron-LM checkpoint root (tracker + release/), the way
+    training saves it; every rank calls. Written under a temporary sibling and renamed by rank 0 when complete.
+    `extra(release_dir)` runs on every rank before the rename (e.g. ModelOpt's state)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from .atomic import atomic_dir, refuse_existing
+    from .runtime import cpu_patches
+
+    root = Path(root)
+    rank = dist.get_rank()
+    tmp = [None]
+    if rank == 0:
+        refuse_existing(root, overwrite)
+        ctx = atomic_dir(root)
+        tmp = [ctx.__enter__()]
+    dist.broadcast_object_list(tmp, src=0)
+    try:
+        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                 ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+        sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+        sharded.update(megatron_lm_common(spec, *sizes, model.config.params_dtype))
+        out = release_dir(tmp[0])
+        out.mkdir(parents=True, exist_ok=True)
+        with cpu_patches():
+            dist_checkpointing.save(sharded, str(out), content_metadata=dict(CONTENT_METADATA))
+        if extra is not None:
+            extra(out)
+        dist.barrier()
+        if rank == 0:
+            (tmp[0] / TRACKER).write_text("release")
+            (tmp[0] / "hf_config.json").write_text(json.dumps(spec.hf_config, indent=2))
+    except BaseException as exc:
+        if rank == 0:
+            ctx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if rank == 0:
+        ctx.__exit__(None, None, None)
+    dist.barrier()
+    return root
 
 
 def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:

@@ -1,0 +1,191 @@
+"""Live models for training code: HF weights straight into a megatron-core GPTModel at any TP/PP/EP, and back.
+
+Each rank fills only what it owns. megatron-core's sharded state dict tells, for every local parameter (or view
+of one), which global tensor it is a piece of and where (key, offsets); the import plan says which HF rows make
+that global tensor. Every transform moves whole rows (dim 0), so running it on row numbers instead of weights
+gives, for each Megatron row, its HF tensor and row: a rank then reads only its rows and columns from safetensors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .atomic import atomic_dir, refuse_existing
+from .convert import parse_dtype, refuse_quantized
+from .derive import derive, read_config
+from .errors import ConversionError
+from .hf_io import HFCheckpoint, write_sharded
+from .mcore_io import sharded_views
+from .plan import Job, Plan, build_plan
+from .runtime import ensure_distributed
+
+_SOURCE_BITS = 40  # row numbers are encoded as source_index << 40 | (row + 1); 0 marks a padding row
+
+
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _global_name(local: str, sh) -> str:
+    """The name of this piece's tensor in the single-process model: the layer number comes from megatron-core's
+    checkpoint key (global under PP), the expert number from the prepended expert axis (global under EP)."""
+    parts = local.split(".")
+    key_nums = [p for p in sh.key.split(".") if p.isdigit()]
+    nums = key_nums + [str(o) for o in sh.global_offset[: sh.prepend_axis_num]]
+    at = [i for i, p in enumerate(parts) if p.isdigit()]
+    if len(at) != len(nums):
+        raise ConversionError(f"internal: cannot place {local} (checkpoint key {sh.key}) in the global model")
+    for i, n in zip(at, nums):
+        parts[i] = n
+    return ".".join(parts)
+
+
+def _pieces(model) -> list[tuple[str, str, torch.Tensor, object]]:
+    """(local name, global name, parameter, ShardedTensor) for every piece of every tensor on this rank."""
+    out = []
+    for chunk in _chunks(model):
+        params = {n: t for n, t in chunk.state_dict(keep_vars=True).items()
+                  if isinstance(t, torch.Tensor) and not n.endswith("_extra_state")}
+        views = sharded_views(chunk)
+        lost = [n for n in params if n not in views]
+        if lost:
+            raise ConversionError(f"model tensors with no place in the checkpoint layout: {lost[:5]}")
+        out += [(local, _global_name(local, sh), params[local], sh) for local in params for sh in views[local]]
+    return out
+
+
+def _global_plan(spec, pieces, hf_shapes=None) -> Plan:
+    """The plan of the whole model, from every rank's pieces; tied output layers on the last pipeline stage are
+    pieces of the word embeddings (megatron-core keys them so)."""
+    mine = {}
+    for _, name, _, sh in pieces:
+        mine[sh.key if name.startswith("output_layer.") and spec.tie_word_embeddings else name] = \
+            tuple(sh.global_shape[sh.prepend_axis_num:])
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for d in gathered:
+        for k, v in d.items():
+            if shapes.setdefault(k, v) != v:
+                raise ConversionError(f"internal: ranks disagree on the shape of {k}")
+    return build_plan(spec, shapes, hf_shapes)
+
+
+def _job(plan: Plan, name: str, sh) -> Job:
+    return plan.jobs[name] if name in plan.jobs else plan.jobs[sh.key]
+
+
+def _row_sources(job: Job, hf: HFCheckpoint) -> torch.Tensor:
+    rows = [torch.arange(hf.shape(s)[0]) + 1 + (k << _SOURCE_BITS) for k, s in enumerate(job.sources)]
+    return job.to_mcore(rows)
+
+
+def _read_region(hf: HFCheckpoint, job: Job, rows: torch.Tensor, offset, size) -> torch.Tensor:
+    """Rows/columns [offset, offset + size) of the Megatron tensor, reading only those bytes of the HF tensors."""
+    want = rows[offset[0]: offset[0] + size[0]]
+    src, row = want >> _SOURCE_BITS, (want & ((1 << _SOURCE_BITS) - 1)) - 1
+    cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], size[1:]))
+    breaks = ((src[1:] != src[:-1]) | (row[1:] != row[:-1] + 1)).nonzero().flatten() + 1
+    bounds = [0, *breaks.tolist(), len(want)]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        if row[a] < 0:  # vocabulary padding
+            parts.append(torch.zeros((b - a, *size[1:]), dtype=hf.dtype(job.sources[0])))
+        else:
+            r = int(row[a])
+            parts.append(hf.get_slice(job.sources[int(src[a])], (slice(r, r + b - a), *cols)))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> None:
+    """Fill `model` (a GPTModel, or a list of virtual-pipeline chunks) on this rank from HF safetensors.
+
+    Call on every rank of the job after the model is built (it gathers every rank's tensor list once, to check
+    that the whole model is covered). Works on CPU and CUDA parameters."""
+    hf_dir = Path(hf_dir)
+    spec = derive(hf_dir, family=family)
+    hf = HFCheckpoint(hf_dir)
+    refuse_quantized(spec, hf)
+    pieces = _pieces(model)
+    plan = _global_plan(spec, pieces, {n: hf.shape(n) for n in hf.names()})
+    filled: dict[int, int] = {}
+    cached, rows = None, None
+    for local, name, param, sh in pieces:
+        job = _job(plan, name, sh)
+        if job.mcore != cached:  # the pieces of one tensor are adjacent
+            cached, rows = job.mcore, _row_sources(job, hf)
+        offset = tuple(sh.global_offset[sh.prepend_axis_num:])
+        region = _read_region(hf, job, rows, offset, tuple(sh.data.shape))
+        param.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset()).copy_(region)
+        filled[id(param)] = filled.get(id(param), 0) + region.numel()
+    short = sorted({local for local, _, p, _ in pieces if filled[id(p)] != p.numel()})
+    if short:
+        raise ConversionError(f"parameters not completely filled from {hf_dir}: {short[:5]}")
+
+
+def megatron_model(hf_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                   device: str = "cpu", dtype: str | torch.dtype = "bf16", family: str | None = None):
+    """Derive, build and load in one call: this rank's GPTModel with the HF weights (single process by default;
+    under torchrun the sizes must fit the world)."""
+    spec = derive(hf_dir, family=family)
+    spec.check_parallel(tp, pp, ep, etp)
+    ensure_distributed(tp, pp, ep, etp)
+    model = spec.build_model(device=device, dtype=parse_dtype(dtype))
+    load_hf_weights(model, hf_dir, family=family)
+    return model
+
+
+def _gathered(plan: Plan, pieces, dtype: torch.dtype):
+    """Every global Megatron tensor in plan order, whole on rank 0 (None elsewhere); a collective per tensor."""
+    by_name: dict[str, list] = {}
+    for _, name, _, sh in pieces:
+        by_name.setdefault(_job(plan, name, sh).mcore, []).append(sh)
+    rank = dist.get_rank()
+    for name, job in plan.jobs.items():
+        mine = [(tuple(sh.global_offset[sh.prepend_axis_num:]), sh.data.detach().to("cpu", dtype))
+                for sh in by_name.get(name, [])]
+        got = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(mine, got, dst=0)
+        if rank != 0:
+            continue
+        full = torch.empty(job.ctx.shape, dtype=dtype)
+        seen = torch.zeros(job.ctx.shape, dtype=torch.bool)
+        for offset, t in (p for ps in got for p in ps):
+            box = tuple(slice(o, o + n) for o, n in zip(offset, t.shape))
+            full[box] = t
+            seen[box] = True
+        if not seen.all():
+            raise ConversionError(f"{name}: no rank holds part of it ({(~seen).sum().item()} values missing)")
+        yield name, full
+
+
+@torch.no_grad()
+def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str | torch.dtype | None = None,
+                    shard_size: str | int = "5GB", overwrite: bool = False, family: str | None = None) -> Path | None:
+    """Gather this job's model and write HF safetensors (+ config and tokenizer files of `like`) on rank 0.
+
+    Call on every rank. Returns out_dir on rank 0, None elsewhere."""
+    from .export import parse_size, write_side_files
+
+    out_dir, like = Path(out_dir), Path(like)
+    spec = derive(like, family=family)
+    first = _chunks(model)[0]
+    dt = parse_dtype(dtype) if dtype else first.config.params_dtype
+    rank = dist.get_rank()
+    if rank == 0:
+        refuse_existing(out_dir, overwrite)
+    pieces = _pieces(model)
+    plan = _global_plan(spec, pieces)
+    tensors = ((hf_name, t) for name, full in _gathered(plan, pieces, dt)
+               for hf_name, t in plan.jobs[name].to_hf(full))
+    if rank != 0:
+        for _ in tensors:
+            pass
+        return None
+    with atomic_dir(out_dir) as tmp:
+        write_sharded(tensors, tmp, parse_size(shard_size))
+        write_side_files(tmp, read_config(like), dt, like)
+    return out_dir
