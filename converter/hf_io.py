@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -15,7 +17,12 @@ INDEX = "model.safetensors.index.json"
 
 
 class HFCheckpoint:
-    """Tensor names and shapes up front; each tensor is read from disk only when asked for."""
+    """Tensor names and shapes up front; each tensor is read from disk only when asked for.
+
+    Data is read with positioned reads into the destination tensor rather than through safetensors' memory
+    map: mapped pages that were read count in the process's RSS until it ends, which would make memory grow
+    with the model. safetensors still parses and validates every header.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -33,21 +40,28 @@ class HFCheckpoint:
             if not files:
                 raise ConversionError(f"no *.safetensors weights in {self.path} (only safetensors are read)")
             weight_map = None
-        self._handles = {}
         self.file_of: dict[str, str] = {}
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}  # name -> dtype, shape, byte offset
+        self._fds: dict[str, int] = {}
         for f in files:
             fp = self.path / f
             if not fp.is_file():
                 raise ConversionError(f"missing shard {fp} named in {INDEX}")
             try:
-                h = safe_open(str(fp), framework="pt")
+                with safe_open(str(fp), framework="pt") as h:  # validates the header against the file size
+                    keys = list(h.keys())
+                header, data_start = _header(fp)
             except (SafetensorError, OSError, Exception) as exc:  # safetensors raises several types on bad headers
                 raise ConversionError(f"cannot read {fp}: {exc}") from exc
-            self._handles[f] = h
-            for k in h.keys():
+            self._fds[f] = os.open(fp, os.O_RDONLY)
+            for k in keys:
                 if k in self.file_of:
                     raise ConversionError(f"tensor {k} is stored twice ({self.file_of[k]} and {f})")
                 self.file_of[k] = f
+                info = header[k]
+                if info["dtype"] not in _DTYPES:
+                    raise ConversionError(f"tensor {k} in {fp} has dtype {info['dtype']}, which hf2mcore cannot read")
+                self._meta[k] = (_DTYPES[info["dtype"]], tuple(info["shape"]), data_start + info["data_offsets"][0])
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.file_of))
             if missing:
@@ -55,35 +69,58 @@ class HFCheckpoint:
                                       f"e.g. {missing[:3]}")
         self._sizes = {f: fp.stat().st_size for f in files if (fp := self.path / f)}
 
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
     def names(self) -> list[str]:
         return list(self.file_of)
 
-    def _slice(self, name: str):
-        return self._handles[self.file_of[name]].get_slice(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
-
-    def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._slice(name).get_dtype()]
-
-    def get(self, name: str) -> torch.Tensor:
+    def _info(self, name: str):
         try:
-            return self._handles[self.file_of[name]].get_tensor(name)
+            return self._meta[name]
         except KeyError:
             raise ConversionError(f"HF tensor {name} is missing") from None
-        except Exception as exc:  # truncated file: safetensors raises on the short read
-            raise ConversionError(f"cannot read tensor {name} from {self.file_of[name]}: {exc}") from exc
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._info(name)[0]
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        dtype, shape, offset = self._info(name)
+        row = dtype.itemsize * math.prod(shape[1:])
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        buf = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        pos, fd = offset + start * row, self._fds[self.file_of[name]]
+        while buf:
+            n = os.preadv(fd, [buf], pos)
+            if n == 0:
+                raise ConversionError(f"cannot read tensor {name} from {self.file_of[name]}: file is truncated")
+            buf, pos = buf[n:], pos + n
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self._read_rows(name, 0, shape[0]) if shape else self._read_rows(name, 0, 1).reshape(())
 
     def get_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
-        """A box of a tensor, reading only its bytes."""
-        try:
-            return self._slice(name)[index]
-        except Exception as exc:
-            raise ConversionError(f"cannot read {index} of tensor {name} from {self.file_of[name]}: {exc}") from exc
+        """A box of a tensor: reads only its rows (dim 0), then takes the columns."""
+        rows = range(self.shape(name)[0])[index[0]]
+        if rows.step != 1:
+            raise ConversionError(f"internal: strided read of {name}")
+        return self._read_rows(name, rows.start, rows.stop)[(slice(None), *index[1:])]
 
     def total_bytes(self) -> int:
         return sum(self._sizes.values())
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """The safetensors header (tensor name -> dtype, shape, data offsets) and where the data starts."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

@@ -96,7 +96,7 @@ def _read_region(hf: HFCheckpoint, job: Job, rows: torch.Tensor, offset, size) -
         else:
             r = int(row[a])
             parts.append(hf.get_slice(job.sources[int(src[a])], (slice(r, r + b - a), *cols)))
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
