@@ -25,7 +25,10 @@ _SOURCE_BITS = 40  # row numbers are encoded as source_index << 40 | (row + 1); 
 
 
 def _chunks(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
+    """Model chunks without Megatron-LM's DDP / Float16Module wrappers (their state-dict names carry `module.`)."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(list(model) if isinstance(model, (list, tuple)) else [model])
 
 
 def _global_name(local: str, sh) -> str:
