@@ -58,6 +58,9 @@ def cmd_convert(a) -> int:
 
     hf = _hf_dir(a.hf_dir)
     out = Path(a.out_dir) if a.out_dir else Path("out") / hf.name
+    if a.quantize:
+        a.src, a.out_dir, a.format, a.like = hf, out, a.quantize, None
+        return cmd_quantize(a)
     convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
             family=a.family, progress=not a.no_progress)
     print(f"wrote {out} (Megatron-LM: --load {out} --ckpt-format torch_dist; flags in {out}/megatron_args.sh)")
@@ -89,6 +92,36 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    from .quantize import quantize_checkpoint
+
+    r = quantize_checkpoint(a.src or _hf_dir(None), a.out_dir, a.format, like=a.like, calib_data=a.calib_data,
+                            calib_size=a.calib_size, calib_seq_len=a.calib_seq_len,
+                            calib_batch_size=a.calib_batch_size, eval_data=a.eval_data, eval_size=a.eval_size,
+                            export_hf=a.export_hf, quantize_output_layer=a.quantize_output_layer,
+                            overwrite=a.overwrite, family=a.family)
+    q = r["quantized"]
+    print(f"wrote {a.out_dir} ({r['format']}; report in {a.out_dir}/quant_report.json)")
+    print(f"perplexity bf16 {r['bf16']['perplexity']:.3f} -> {r['format']} {q['perplexity']:.3f} "
+          f"({r['perplexity_change_pct']:+.2f} %), rel logit err {q['rel_logit_err']:.3g}, "
+          f"KL/token {q['kl_per_token']:.3g} over {q['tokens']} held-out tokens")
+    if r["experts_without_calibration_tokens"]:
+        print(f"{len(r['experts_without_calibration_tokens'])} experts saw no calibration tokens (scales taken from "
+              "their weights and their layer's other experts): " + ", ".join(r["experts_without_calibration_tokens"][:8]))
+    return 0
+
+
+def _quant_options(sp) -> None:
+    sp.add_argument("--calib-data", help="text file (paragraphs) or JSONL with a 'text' field; default: built in")
+    sp.add_argument("--calib-size", type=int, default=128, help="calibration sequences")
+    sp.add_argument("--calib-seq-len", type=int, default=512)
+    sp.add_argument("--calib-batch-size", type=int, default=4)
+    sp.add_argument("--eval-data", help="held-out text for the perplexity report; default: built in")
+    sp.add_argument("--eval-size", type=int, default=8, help="held-out sequences")
+    sp.add_argument("--export-hf", help="also write an HF deployment checkpoint here (fp8, nvfp4)")
+    sp.add_argument("--quantize-output-layer", action="store_true", help="quantize the LM head too")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf2mcore", description="Hugging Face <-> Megatron-Core checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,8 +147,20 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true", help="compare logits with HF after converting")
     sp.add_argument("--tol", type=float, default=1e-5)
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--quantize", metavar="FORMAT", help="write a ModelOpt-quantized checkpoint instead (CUDA)")
+    _quant_options(sp)
     common(sp)
     sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("quantize", help="ModelOpt post-training quantization on CUDA, with a quality report")
+    sp.add_argument("src", help="HF checkpoint directory or Megatron checkpoint")
+    sp.add_argument("out_dir")
+    sp.add_argument("--format", required=True, help="fp8, int8_sq, int4_awq, w4a8_awq, nvfp4 or an mtq config name")
+    sp.add_argument("--like", help="HF directory (tokenizer, config) for a Megatron checkpoint source")
+    sp.add_argument("--overwrite", action="store_true")
+    _quant_options(sp)
+    common(sp, parallel=False)
+    sp.set_defaults(fn=cmd_quantize)
 
     sp = sub.add_parser("verify", help="compare Megatron-Core logits with HF transformers")
     sp.add_argument("hf_dir")

@@ -73,7 +73,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         if left:
             raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
         (tmp / TRACKER).write_text("release")
-        _write_args(tmp, spec, tp, pp, ep, etp, dt)
+        write_args(tmp, spec, tp, pp, ep, etp, dt)
         _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp))
     return out_dir
 
@@ -108,7 +108,7 @@ def args_fragment(spec, tp: int, pp: int, ep: int, etp: int | None) -> str:
     return " \\\n    ".join(parts)
 
 
-def _write_args(root: Path, spec, tp, pp, ep, etp, dt) -> None:
+def write_args(root: Path, spec, tp, pp, ep, etp, dt) -> None:
     prec = {torch.bfloat16: "--bf16", torch.float16: "--fp16"}.get(dt, "")
     root.joinpath("megatron_args.sh").write_text(
         f"# Megatron-LM arguments derived by hf2mcore for {spec.architecture}\n"

