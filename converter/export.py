@@ -14,7 +14,8 @@ from .derive import derive, read_config
 from .atomic import atomic_dir, refuse_existing
 from .errors import ConversionError
 from .hf_io import write_sharded
-from .mcore_io import ChunkReader, find_checkpoint, params_from_checkpoint
+from .from_args import hf_config_from_args
+from .mcore_io import ChunkReader, find_checkpoint, load_common, params_from_checkpoint
 from .plan import Plan, build_plan, mcore_shapes
 from .progress import Progress
 from .runtime import ensure_distributed
@@ -32,13 +33,17 @@ def parse_size(s: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
 
 
-def _source_config(root: Path, like: Path | None) -> dict:
+def _source_config(root: Path, ckpt: Path, like: Path | None) -> dict:
+    """--like's config, else the one hf2mcore recorded, else one re-derived from Megatron-LM's saved arguments."""
     if like is not None:
         return read_config(like)
     recorded = root / "hf_config.json"
     if recorded.is_file():
         return read_config(recorded)
-    raise ConversionError(f"{root} records no HF config (not written by hf2mcore convert); pass --like HF_DIR")
+    args = load_common(ckpt).get("args")
+    if args is None:
+        raise ConversionError(f"{ckpt} records neither an HF config nor Megatron-LM arguments; pass --like HF_DIR")
+    return hf_config_from_args(args)
 
 
 def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -63,7 +68,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     like = Path(like) if like else None
     ckpt = find_checkpoint(root)
     refuse_existing(out_dir, overwrite)
-    cfg = _source_config(root if root != ckpt else ckpt.parent, like)
+    cfg = _source_config(root if root != ckpt else ckpt.parent, ckpt, like)
     spec = derive(cfg, family=family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(ckpt.parent, cfg)
     ensure_distributed()

@@ -171,3 +171,32 @@ def test_export_bad_input(tiny_models, tmp_path):
     (out / "release" / "__0_0.distcp").unlink(missing_ok=True)
     r = _cli("export", out, tmp_path / "y")
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "y").exists(), r.stderr
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B", "Qwen/Qwen3-8B",
+                                  "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.2-1B"])
+def test_export_without_like_from_megatron_lm_arguments(name, tiny_models, tmp_path):
+    """A checkpoint as Megatron-LM training leaves it (common state with `args`, no HF config): the HF config is
+    re-derived from the arguments, and the tensors and the derived Megatron settings come back the same."""
+    from converter import derive
+
+    hf = tiny_models(name)
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
+    for f in ("hf_config.json", "hf2mcore.json"):
+        (out / f).unlink()
+    back = export(out, tmp_path / "back", progress=False)
+    assert_bit_exact(hf, back)
+    assert derive(back).megatron_args() == derive(hf).megatron_args()
+    assert json.loads((back / "config.json").read_text())["architectures"] == \
+        json.loads((hf / "config.json").read_text())["architectures"]
+
+
+def test_export_without_like_refuses_what_arguments_cannot_name(tmp_path):
+    from argparse import Namespace
+
+    from converter.from_args import hf_config_from_args
+
+    with pytest.raises(ConversionError, match="--multi-latent-attention"):
+        hf_config_from_args(Namespace(multi_latent_attention=True))
+    with pytest.raises(ConversionError, match="RMSNorm"):
+        hf_config_from_args(Namespace(normalization="LayerNorm", swiglu=False))
