@@ -212,10 +212,12 @@ class _Deriver:
             self.refuse(f"topk_method={method!r} (megatron-core's group routing scores groups by their top-2 sum, "
                         "as noaux_tc does)")
         scaling = self.get("routed_scaling_factor")
+        grouped = method == "noaux_tc" and n_group > 1
         return MoESpec(
             num_experts=experts, topk=topk, ffn_hidden_size=ffn, layer_pattern=pattern, shared_expert_size=shared,
             score_function=score, pre_softmax=score == "softmax" and not norm, expert_bias=method == "noaux_tc",
-            num_groups=n_group if n_group > 1 else None, group_topk=topk_group if n_group > 1 else None,
+            # HF's greedy top-k ignores n_group; only noaux_tc routes within groups
+            num_groups=n_group if grouped else None, group_topk=topk_group if grouped else None,
             topk_scaling_factor=float(scaling) if scaling not in (None, 1, 1.0) else None,
             shared_expert_gate=bool(self.implied.get("shared_expert_gate", False)),
         )

@@ -2,6 +2,7 @@
 (Megatron-LM flags, megatron-core TransformerConfig, the GPTModel itself)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -244,10 +245,6 @@ class ModelSpec:
 
         from .runtime import cpu_patches, ensure_distributed
 
-        if self.mla is not None:
-            raise ConversionError("multi-latent attention: megatron-core 0.19's local (non-Transformer-Engine) "
-                                  "layer spec cannot build MLA (its DotProductAttention takes no k_channels); "
-                                  "use the derived flags with Transformer Engine")
         if not ps.model_parallel_is_initialized():
             ensure_distributed()
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
@@ -260,6 +257,18 @@ class ModelSpec:
             post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
         layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
                                                 vp_stage=vp_stage)
+        if self.mla is not None:  # the local DotProductAttention cannot take MLA's separate k/v head sizes
+            from megatron.core.transformer.identity_op import IdentityOp
+
+            from .mla_attention import LocalMLACoreAttention, LocalMLASelfAttention
+
+            layer_spec = copy.deepcopy(layer_spec)
+            for layer in layer_spec.layer_specs:
+                layer.submodules.self_attention.module = LocalMLASelfAttention
+                attn = layer.submodules.self_attention.submodules
+                attn.core_attention = LocalMLACoreAttention
+                if self.mla.q_lora_rank is None:  # no compressed q, so nothing to normalise (DeepSeek-V2-Lite)
+                    attn.q_layernorm = IdentityOp
         r = self.rope
         kwargs = dict(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
                       rotary_base=r.theta, rope_scaling=r.kind == "llama3",
@@ -271,7 +280,7 @@ class ModelSpec:
                              pre_process=pre_process, post_process=post_process,
                              share_embeddings_and_output_weights=self.tie_word_embeddings,
                              parallel_output=False, vp_stage=vp_stage, **kwargs)
-        if device not in ("meta", "cpu"):
+        if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
             model = model.to(device)
         return model
 

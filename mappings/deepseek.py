@@ -5,7 +5,8 @@ A, M = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
 S = L + "self_attention."
 FAMILY = Family(
     name="deepseek",
-    architectures={"DeepseekV2ForCausalLM": {}, "DeepseekV3ForCausalLM": {}},
+    # MLA always normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm)
+    architectures={"DeepseekV2ForCausalLM": {"qk_layernorm": True}, "DeepseekV3ForCausalLM": {"qk_layernorm": True}},
     rules=(
         *embeddings(), *pre_mlp_norm(),
         rule(L + "input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),

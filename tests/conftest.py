@@ -22,6 +22,8 @@ FAMILY_CONFIGS = [
     "microsoft/Phi-3-mini-4k-instruct",  # fused qkv and gate_up
     "mistralai/Mixtral-8x7B-v0.1",  # MoE
     "Qwen/Qwen3-30B-A3B",  # MoE + qk norm
+    "deepseek-ai/DeepSeek-V2-Lite",  # MLA without q compression, dense-first layers, shared experts, yarn
+    "deepseek-ai/DeepSeek-V3",  # MLA, grouped sigmoid routing with expert bias and routed scaling
 ]
 
 

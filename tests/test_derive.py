@@ -126,11 +126,6 @@ def test_refusals_name_the_feature(name, feature):
         derive(CONFIGS / name)
 
 
-def test_mla_build_is_refused_by_name():
-    with pytest.raises(ConversionError, match="multi-latent attention"):
-        derive(CONFIGS / "deepseek-ai/DeepSeek-V2-Lite").build_model(device="meta")
-
-
 def test_family_override_for_unknown_architecture():
     cfg = real_config("meta-llama/Llama-3.1-8B")
     cfg["architectures"] = ["MyLlamaForCausalLM"]

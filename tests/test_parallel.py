@@ -19,6 +19,7 @@ LAYOUTS = [
     ("Qwen/Qwen2.5-7B", 2, 1, 1),  # TP splits query groups and the qkv bias
     ("meta-llama/Llama-3.2-1B", 1, 2, 1),  # PP with tied embeddings
     ("mistralai/Mixtral-8x7B-v0.1", 1, 1, 2),  # EP: two experts per rank
+    ("deepseek-ai/DeepSeek-V3", 2, 1, 1),  # TP over multi-latent attention, shared experts, expert bias
 ]
 
 

@@ -28,6 +28,8 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
     for k in ("num_local_experts", "num_experts", "n_routed_experts"):
         if c.get(k):
             c[k] = experts
+    if (c.get("n_group") or 1) > 1:  # grouped routing: groups must divide the (fewer) experts
+        c["n_group"], c["topk_group"] = 2, 1
     if c.get("num_experts_per_tok"):
         c["num_experts_per_tok"] = min(2, experts)
     if c.get("moe_intermediate_size"):
@@ -60,5 +62,8 @@ def make_model(cfg: dict, out: Path, dtype=torch.float32, seed: int = 0) -> Path
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if "correction_bias" in name:  # DeepSeek-V3's expert bias is a buffer: make it visible too
+                b.copy_(0.1 * torch.randn_like(b))
     model.to(dtype).save_pretrained(out, safe_serialization=True)
     return out
