@@ -13,6 +13,7 @@ import torch
 from .derive import derive
 from .atomic import atomic_dir, refuse_existing
 from .errors import ConversionError
+from .dequant import open_source
 from .hf_io import HFCheckpoint
 from .mcore_io import TRACKER, megatron_lm_common, release_dir, save_streaming
 from .plan import build_plan, mcore_shapes
@@ -42,8 +43,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     spec = derive(hf_dir, family=family)
     spec.check_parallel(tp, pp, ep, etp)
     refuse_existing(out_dir, overwrite)
-    hf = HFCheckpoint(hf_dir)
-    refuse_quantized(spec, hf)
+    hf = open_source(hf_dir, spec)
     ensure_distributed()
     model = spec.build_model(device="meta", dtype=dt)
     shapes = mcore_shapes(model)
@@ -83,16 +83,6 @@ def _nbytes(hf: HFCheckpoint, name: str) -> int:
     for d in hf.shape(name):
         n *= d
     return n * hf.dtype(name).itemsize
-
-
-def refuse_quantized(spec, hf: HFCheckpoint) -> None:
-    q = spec.hf_config.get("quantization_config") or spec.hf_config.get("text_config", {}).get("quantization_config")
-    if q:
-        raise ConversionError(f"source checkpoint is quantized (quantization_config.quant_method="
-                              f"{q.get('quant_method')!r}); hf2mcore cannot dequantize it yet")
-    odd = [n for n in hf.names() if hf.dtype(n) not in (torch.float32, torch.float16, torch.bfloat16)]
-    if odd:
-        raise ConversionError(f"tensors of non-float dtype (quantized weights?): {odd[:5]}")
 
 
 def args_fragment(spec, tp: int, pp: int, ep: int, etp: int | None) -> str:

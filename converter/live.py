@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_dir, refuse_existing
-from .convert import parse_dtype, refuse_quantized
+from .convert import parse_dtype
+from .dequant import open_source
 from .derive import derive, read_config
 from .errors import ConversionError
 from .hf_io import HFCheckpoint, write_sharded
@@ -110,8 +111,7 @@ def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> 
     that the whole model is covered). Works on CPU and CUDA parameters."""
     hf_dir = Path(hf_dir)
     spec = derive(hf_dir, family=family)
-    hf = HFCheckpoint(hf_dir)
-    refuse_quantized(spec, hf)
+    hf = open_source(hf_dir, spec)
     pieces = _pieces(model)
     plan = _global_plan(spec, pieces, {n: hf.shape(n) for n in hf.names()})
     filled: dict[int, int] = {}

@@ -7,7 +7,6 @@ norm fused into linear_q_proj, which HF's model does not have (it normalises onl
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention

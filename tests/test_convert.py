@@ -143,9 +143,54 @@ def test_wrong_shape_is_named(tiny_models, tmp_path):
 def test_quantized_source_is_refused(tiny_models, tmp_path):
     hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
     (hf / "config.json").write_text(json.dumps(cfg))
-    _assert_fails_cleanly(hf, tmp_path, "quant_method='fp8'")
+    _assert_fails_cleanly(hf, tmp_path, "quant_method='mxfp4'")
+
+
+def _fp8_blocks(w, block):
+    """Block-wise fp8 as DeepSeek-V3 ships it, and the float values it stands for (the test's own oracle)."""
+    b0, b1 = block
+    rows, cols = (-(-n // b) for n, b in zip(w.shape, block))
+    padded = torch.zeros(rows * b0, cols * b1)
+    padded[: w.shape[0], : w.shape[1]] = w
+    scale = padded.reshape(rows, b0, cols, b1).abs().amax(dim=(1, 3)) / 448
+    full = scale.repeat_interleave(b0, 0)[: w.shape[0]].repeat_interleave(b1, 1)[:, : w.shape[1]]
+    w8 = (w / full).to(torch.float8_e4m3fn)
+    return w8, scale, w8.float() * full
+
+
+def test_fp8_block_source_is_dequantized(tiny_models, tmp_path):
+    """DeepSeek-V3-style fp8 weights + weight_scale_inv (blocks of 16, some partial) convert to the values they
+    stand for: the export equals an fp32 checkpoint of the dequantized values, logits match HF on it, and the
+    live loader reads boxes of rows across block edges the same way."""
+    src = tiny_models("deepseek-ai/DeepSeek-V3")
+    quant, deq = _copy(src, tmp_path / "fp8"), _copy(src, tmp_path / "deq")
+    q_t, d_t = {}, {}
+    for k, t in _tensors(src).items():
+        if t.ndim == 2 and ".layers." in k and not k.endswith("gate.weight"):  # every linear but the router
+            q_t[k], q_t[k + "_scale_inv"], d_t[k] = _fp8_blocks(t, (16, 16))
+        else:
+            q_t[k] = d_t[k] = t
+    assert sum(v.dtype == torch.float8_e4m3fn for v in q_t.values()) > 10
+    save_file(q_t, str(quant / "model.safetensors"))
+    save_file(d_t, str(deq / "model.safetensors"))
+    cfg = json.loads((quant / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16],
+                                  "activation_scheme": "dynamic"}
+    (quant / "config.json").write_text(json.dumps(cfg))
+    out = convert(quant, tmp_path / "mc", dtype="fp32", progress=False)
+    assert_bit_exact(deq, export(out, tmp_path / "back", like=deq, progress=False))
+    assert verify(deq, out)["ok"]
+    from converter import derive
+    from converter.dequant import open_source
+
+    hf = open_source(quant, derive(quant))
+    name = next(k for k, v in q_t.items() if v.dtype == torch.float8_e4m3fn and min(v.shape) >= 40)
+    assert torch.equal(hf.get_slice(name, (slice(13, 37), slice(5, 40))), d_t[name][13:37, 5:40])
+    del q_t[name + "_scale_inv"]
+    save_file(q_t, str(quant / "model.safetensors"))
+    _assert_fails_cleanly(quant, tmp_path, f"fp8 tensor {name} has no {name}_scale_inv")
 
 
 def test_parallel_sizes_are_validated(tiny_models, tmp_path):
