@@ -43,6 +43,11 @@ def main():
         "I/O floor (copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
         "hf2mcore convert (1 process)": [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"),
                                          "--overwrite", "--no-progress", "--dtype", "bf16"],
+        "hf2mcore convert (2 processes)": [sys.executable, "-m", "converter", "convert", a.hf_dir,
+                                           str(work / "mc"), "--overwrite", "--no-progress", "--dtype", "bf16",
+                                           "--workers", "2"],
+        "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
+            sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
     }
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
     print(f"input: {a.hf_dir} ({size:.2f} GiB)")

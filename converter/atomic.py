@@ -27,3 +27,19 @@ def atomic_dir(out_dir: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir_all_ranks(out_dir: Path, overwrite: bool):
+    """atomic_dir for every process of a torch.distributed job writing one directory: rank 0 owns the
+    temporary directory and renames it after every rank is done; each rank gets the temporary path."""
+    import torch.distributed as dist
+
+    refuse_existing(out_dir, overwrite)
+    rank = dist.get_rank()
+    with contextlib.ExitStack() as stack:
+        box = [stack.enter_context(atomic_dir(out_dir)) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        yield box[0]
+        dist.barrier()  # every rank has written its part before rank 0 renames
+    dist.barrier()

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .derive import derive
-from .atomic import atomic_dir, refuse_existing
+from .atomic import atomic_dir_all_ranks, refuse_existing
 from .errors import ConversionError
 from .dequant import open_source
 from .hf_io import HFCheckpoint
@@ -49,8 +50,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     shapes = mcore_shapes(model)
     plan = build_plan(spec, shapes, {n: hf.shape(n) for n in hf.names()})
 
-    bar = Progress(len(plan.jobs), sum(_nbytes(hf, n) for n in plan.hf_names()),
-                   "convert", enabled=progress)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    total = sum(_nbytes(hf, n) for n in plan.hf_names())
+    # several processes: each shows and counts its own share (about 1/world of the bytes)
+    bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
+                   enabled=progress and rank == 0)
     done: set[str] = set()
 
     def make(name: str) -> torch.Tensor:
@@ -65,16 +69,20 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         bar.update(sum(_nbytes(hf, s) for s in job.sources), name)
         return out
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir_all_ranks(out_dir, overwrite) as tmp:
         t0 = time.time()
-        save_streaming(model, make, release_dir(tmp), megatron_lm_common(spec, tp, pp, ep, etp, dt))
+        mine = save_streaming(model, make, release_dir(tmp), megatron_lm_common(spec, tp, pp, ep, etp, dt))
         bar.close()
-        left = [n for n in plan.jobs if n not in done]
+        left = [n for n in mine if n not in done]
+        everyone = [None] * world
+        dist.all_gather_object(everyone, sorted(done))
+        left += sorted(set(plan.jobs) - {n for d in everyone for n in d})
         if left:
             raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
-        (tmp / TRACKER).write_text("release")
-        write_args(tmp, spec, tp, pp, ep, etp, dt)
-        _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp))
+        if rank == 0:
+            (tmp / TRACKER).write_text("release")
+            write_args(tmp, spec, tp, pp, ep, etp, dt)
+            _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world)
     return out_dir
 
 
@@ -107,7 +115,7 @@ def write_args(root: Path, spec, tp, pp, ep, etp, dt) -> None:
         + f"MODEL_ARGS=(\n    {args_fragment(spec, tp, pp, ep, etp)} {prec}\n    --use-mcore-models --transformer-impl local\n)\n")
 
 
-def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par) -> None:
+def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par, workers) -> None:
     import megatron.core
     import safetensors
     import transformers
@@ -120,7 +128,7 @@ def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, 
         "config_sha256": hashlib.sha256(cfg).hexdigest(),
         "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in sorted(set(hf.file_of.values()))},
         "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored)},
-        "warnings": list(spec.warnings), "seconds": round(seconds, 2),
+        "warnings": list(spec.warnings), "seconds": round(seconds, 2), "processes": workers,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "megatron-core": megatron.core.__version__, "transformers": transformers.__version__,
                      "safetensors": safetensors.__version__},

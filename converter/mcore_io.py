@@ -84,8 +84,13 @@ class _ViewResolver:
         # Storage identity survives every view and detach megatron-core applies (meta storages are distinct).
         self.names = {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items()
                       if isinstance(t, torch.Tensor)}
+        from megatron.core.dist_checkpointing.mapping import is_main_replica
+
         self.make = make
-        self.pending = {n: len(v) for n, v in views_by_param(model, sharded_state_dict).items()}
+        # only the views this rank writes (its main replicas), so a parameter is freed after its last one
+        self.pending = {n: c for n, v in views_by_param(model, sharded_state_dict).items()
+                        if (c := sum(is_main_replica(sh.replica_id) for sh in v))}
+        self.mine = list(self.pending)
         self.cache: dict[str, torch.Tensor] = {}
 
     def name_of(self, t: torch.Tensor) -> str:
@@ -140,21 +145,31 @@ def sharded_views(model) -> dict[str, list]:
     return views_by_param(model, sharded)
 
 
-def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict) -> None:
-    """Write `model`'s torch_dist checkpoint into ckpt_dir; `make(name)` returns parameter `name`'s data."""
+def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict) -> list[str]:
+    """Write `model`'s torch_dist checkpoint into ckpt_dir; `make(name)` returns parameter `name`'s data.
+
+    Several processes (torchrun, all with the same model at TP=PP=1) share the work: megatron-core's
+    fully-parallel save distribution gives each rank its share of the tensors, and each rank makes, reads
+    and writes only those. Returns the parameters this rank writes."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import apply_factories
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    from .runtime import cpu_patches
 
     sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
     apply_factories(sharded)  # so the resolver counts the views the writer will ask for
-    resolver = _ViewResolver(model, make, sharded)
+    strategy = _strategy_class()(None)
+    if dist.get_world_size() > 1:
+        FullyParallelSaveStrategyWrapper(strategy).apply_saving_parallelization(sharded)
+    strategy._resolve = resolver = _ViewResolver(model, make, sharded)
     sharded.update(common)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    from .runtime import cpu_patches
-
     with cpu_patches():
-        dist_checkpointing.save(sharded, str(ckpt_dir), sharded_strategy=_strategy_class()(resolver),
+        dist_checkpointing.save(sharded, str(ckpt_dir), sharded_strategy=strategy,
                                 content_metadata=dict(CONTENT_METADATA))
+    return resolver.mine
 
 
 class ChunkReader:
@@ -267,41 +282,26 @@ def save_model(model, root: str | Path, spec, *, overwrite: bool = False, extra=
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from .atomic import atomic_dir, refuse_existing
+    from .atomic import atomic_dir_all_ranks
     from .runtime import cpu_patches
 
     root = Path(root)
-    rank = dist.get_rank()
-    tmp = [None]
-    if rank == 0:
-        refuse_existing(root, overwrite)
-        ctx = atomic_dir(root)
-        tmp = [ctx.__enter__()]
-    dist.broadcast_object_list(tmp, src=0)
-    try:
-        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                 ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
-        out = release_dir(tmp[0])
+    sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+             ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+    with atomic_dir_all_ranks(root, overwrite) as tmp:
+        out = release_dir(tmp)
         out.mkdir(parents=True, exist_ok=True)
         with cpu_patches():  # ModelOpt's quantizer state synchronizes CUDA when it is read
             sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
             sharded.update(megatron_lm_common(spec, *sizes, model.config.params_dtype))
             # DCP's synchronous writer, as for convert (megatron's default strategy forks a manager process)
-            dist_checkpointing.save(sharded, str(out), sharded_strategy=_strategy_class()(resolve=None),
+            dist_checkpointing.save(sharded, str(out), sharded_strategy=_strategy_class()(None),
                                     content_metadata=dict(CONTENT_METADATA))
             if extra is not None:
                 extra(out)
-        dist.barrier()
-        if rank == 0:
-            (tmp[0] / TRACKER).write_text("release")
-            (tmp[0] / "hf_config.json").write_text(json.dumps(spec.hf_config, indent=2))
-    except BaseException as exc:
-        if rank == 0:
-            ctx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    if rank == 0:
-        ctx.__exit__(None, None, None)
-    dist.barrier()
+        if dist.get_rank() == 0:
+            (tmp / TRACKER).write_text("release")
+            (tmp / "hf_config.json").write_text(json.dumps(spec.hf_config, indent=2))
     return root
 
 

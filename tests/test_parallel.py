@@ -1,6 +1,7 @@
 """TP=2, PP=2 and EP=2 under torchrun on CPU: a checkpoint written once (TP=1) loads and matches HF logits; the
 live API loads HF weights at each layout, matches HF logits, saves HF weights back bit for bit, and the
 checkpoint it saves at that layout exports to the original HF tensors."""
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,19 @@ def test_live_model_at_parallel_sizes(name, tp, pp, ep, tiny_models, tmp_path):
     # the checkpoint saved by the parallel job (its own layout) exports to the original tensors
     back = export(tmp_path / "run" / "mcore", tmp_path / "back", like=hf, progress=False)
     _assert_same_weights(_weights(back), ref)
+
+
+@pytest.mark.slow
+def test_convert_with_two_workers(tiny_models, tmp_path):
+    """`convert --workers 2`: two processes share the writing (each rank's own .distcp holds data), and the
+    result verifies and exports like a one-process conversion."""
+    hf = tiny_models("Qwen/Qwen3-30B-A3B")
+    out = tmp_path / "mc"
+    r = subprocess.run([sys.executable, "-m", "converter", "convert", str(hf), str(out), "--workers", "2",
+                        "--dtype", "fp32", "--verify", "--no-progress"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0 and "-> OK" in r.stdout, r.stderr[-3000:]
+    parts = sorted((out / "release").glob("*.distcp"))
+    assert len(parts) == 2 and min(p.stat().st_size for p in parts) > 0.3 * max(p.stat().st_size for p in parts)
+    _assert_same_weights(_weights(export(out, tmp_path / "back", progress=False)), _weights(hf))
+    assert json.loads((out / "hf2mcore.json").read_text())["processes"] == 2
