@@ -3,6 +3,7 @@ torch_dist save. ModelOpt does not derive the model, so hf2mcore's derive builds
 Usage (one run, timed from outside by benchmarks/run.py): python benchmarks/peer_modelopt.py HF_DIR OUT_DIR"""
 import sys
 import warnings
+from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
@@ -16,6 +17,7 @@ def main(hf_dir: str, out_dir: str) -> None:
     from converter.mcore_io import CONTENT_METADATA
     from converter.runtime import cpu_patches
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     model = derive(hf_dir).build_model(device="cpu", dtype=torch.bfloat16)
     with cpu_patches():
         import_mcore_gpt_from_hf(model, hf_dir, dtype=torch.bfloat16)

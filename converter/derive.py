@@ -101,6 +101,9 @@ class _Deriver:
         for name in ALIASES.get(key, (key,)):
             if self.cfg.get(name) is not None:
                 return self.cfg[name]
+        for name in ALIASES.get(key, (key,)):  # what the architecture's modeling code fixes
+            if name in self.implied:
+                return self.implied[name]
         if required:
             raise ConversionError(f"config.json lacks {' / '.join(ALIASES.get(key, (key,)))}")
         return default
@@ -132,15 +135,15 @@ class _Deriver:
         if act not in GATED_ACTIVATIONS:
             self.refuse(f"hidden_act={act!r} (hf2mcore maps gated silu and gelu-tanh MLPs)")
         attn_bias, mlp_bias = bool(self.get("attention_bias", False)), bool(self.get("mlp_bias", False))
+        qkv_bias = attn_bias
+        if self.implied.get("attention_bias_is_qkv_only"):  # e.g. GLM-4.5: o_proj never has a bias
+            attn_bias = False
         if attn_bias != mlp_bias:
             self.refuse(f"attention_bias={attn_bias} with mlp_bias={mlp_bias}: megatron-core's add_bias_linear "
                         "covers the attention output and MLP projections together")
         for f in ("attn_logit_softcapping", "final_logit_softcapping"):
             if self.get(f):
                 self.refuse(f"{f}={self.get(f)} (megatron-core has no logit soft-capping)")
-        prf = self.get("partial_rotary_factor", 1.0)
-        if prf != 1.0:
-            self.refuse(f"partial_rotary_factor={prf}")
         self._sliding_window()
         quant = self.get("quantization_config")
         if quant:
@@ -153,7 +156,7 @@ class _Deriver:
             num_query_groups=groups, kv_channels=head_dim, vocab_size=g("vocab_size", required=True),
             max_position_embeddings=g("max_position_embeddings", 4096),
             norm_epsilon=float(self.get("norm_epsilon", 1e-6)), activation=GATED_ACTIVATIONS[act],
-            add_qkv_bias=attn_bias, add_bias_linear=attn_bias,
+            add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, qk_layernorm=bool(self.get("use_qk_norm", False)),
             tie_word_embeddings=bool(self.get("tie_word_embeddings", False)),
             rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(),
         )
@@ -173,8 +176,11 @@ class _Deriver:
             self.refuse("per-layer-type rope_parameters")
         theta = float(params.get("rope_theta", self.get("rope_theta", 10000.0)))
         kind = params.get("rope_type", params.get("type")) or "default"
+        percent = float(params.get("partial_rotary_factor", self.get("partial_rotary_factor", 1.0)))
+        if percent != 1.0 and kind != "default":
+            self.refuse(f"partial_rotary_factor={percent} with {kind} rope scaling")
         if kind == "default":
-            return RopeSpec(theta=theta)
+            return RopeSpec(theta=theta, percent=percent)
         factor = float(params.get("factor", 1.0))
         if kind == "llama3":
             for k, want in MCORE_LLAMA3.items():

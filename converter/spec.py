@@ -26,6 +26,7 @@ class RopeSpec:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     interleaved: bool = False
+    percent: float = 1.0  # share of each head's dims that rotate (partial_rotary_factor)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ModelSpec:
         r = self.rope
         a["position_embedding_type"] = "yarn" if r.kind == "yarn" and self.mla is None else "rope"
         a["rotary_base"] = _num(r.theta)
-        a["rotary_percent"] = 1.0
+        a["rotary_percent"] = _num(r.percent)
         if r.kind == "llama3":
             a["use_rope_scaling"] = True
             a["rope_scaling_factor"] = _num(r.factor)
@@ -271,7 +272,7 @@ class ModelSpec:
                     attn.q_layernorm = IdentityOp
         r = self.rope
         kwargs = dict(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
-                      rotary_base=r.theta, rope_scaling=r.kind == "llama3",
+                      rotary_base=r.theta, rotary_percent=r.percent, rope_scaling=r.kind == "llama3",
                       rope_scaling_factor=r.factor if r.kind == "llama3" else 8.0)
         # MLA's yarn embedding asks torch.cuda for a device even with use_cpu_initialization.
         with torch.device("cpu" if device == "cpu" else device), cpu_patches():

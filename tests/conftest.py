@@ -24,7 +24,11 @@ FAMILY_CONFIGS = [
     "Qwen/Qwen3-30B-A3B",  # MoE + qk norm
     "deepseek-ai/DeepSeek-V2-Lite",  # MLA without q compression, dense-first layers, shared experts, yarn
     "deepseek-ai/DeepSeek-V3",  # MLA, grouped sigmoid routing with expert bias and routed scaling
+    "transformers:glm4_moe:Glm4MoeForCausalLM",  # GLM-4.5: partial rotary, qkv-only bias, sigmoid MoE, shared expert
 ]
+# optional features a family's defaults leave off, switched on so the tests see them
+OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
+                                                          "routed_scaling_factor": 2.5}}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +42,8 @@ def tiny_models(tmp_path_factory):
 
         key = (name, dtype)
         if key not in cache:
-            cache[key] = make_model(shrink(real_config(name)), root / f"{name.replace('/', '_')}_{dtype}",
+            cfg = {**shrink(real_config(name)), **OVERRIDES.get(name, {})}
+            cache[key] = make_model(cfg, root / f"{name.replace('/', '_').replace(':', '_')}_{dtype}",
                                     dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         return cache[key]
 

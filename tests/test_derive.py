@@ -126,6 +126,21 @@ def test_refusals_name_the_feature(name, feature):
         derive(CONFIGS / name)
 
 
+def test_glm45_traits_from_transformers_defaults():
+    """GLM-4.5 (Glm4MoeConfig's defaults): partial rotary, sigmoid routing with expert bias, shared expert,
+    dense-first layer; attention_bias means q/k/v only. Param counts agree with HF on the meta device."""
+    cfg = {**real_config("transformers:glm4_moe:Glm4MoeForCausalLM"), "head_dim": 128}  # defaults leave it out
+    spec = derive({**cfg, "attention_bias": True})
+    a = spec.megatron_args()
+    assert a["rotary_percent"] == 0.5 and a["add_qkv_bias"] and a["disable_bias_linear"]
+    assert a["moe_router_score_function"] == "sigmoid" and a["moe_router_enable_expert_bias"]
+    assert a["moe_shared_expert_intermediate_size"] == 1408 and a["moe_layer_freq"].startswith("[0,1,")
+    assert mcore_param_count(spec) == hf_param_count(spec)
+    with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 with yarn"):
+        derive({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,
+                                           "original_max_position_embeddings": 4096}})
+
+
 def test_family_override_for_unknown_architecture():
     cfg = real_config("meta-llama/Llama-3.1-8B")
     cfg["architectures"] = ["MyLlamaForCausalLM"]

@@ -12,6 +12,13 @@ CONFIGS = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared
 
 
 def real_config(name: str) -> dict:
+    """A config of ../shared/hf_configs; `transformers:<model_type>:<Architecture>` takes transformers' class
+    defaults instead (for families without a config there; e.g. Glm4MoeConfig's defaults are GLM-4.5's)."""
+    if name.startswith("transformers:"):
+        from transformers import AutoConfig
+
+        _, model_type, arch = name.split(":")
+        return {**AutoConfig.for_model(model_type).to_dict(), "architectures": [arch]}
     return json.loads((CONFIGS / name / "config.json").read_text())
 
 
