@@ -29,7 +29,10 @@ def main():
     cfg.pop("quantization_config", None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    from transformers.core_model_loading import revert_weight_conversion
+
+    # the names and shapes save_pretrained writes (transformers 5 fuses MoE experts in memory, not on disk)
+    shapes = {k: v.shape for k, v in revert_weight_conversion(model, model.state_dict()).items()}
     if cfg.get("tie_word_embeddings"):
         shapes.pop("lm_head.weight", None)
     g = torch.Generator().manual_seed(0)
