@@ -144,31 +144,37 @@ class _Deriver:
         for f in ("attn_logit_softcapping", "final_logit_softcapping"):
             if self.get(f):
                 self.refuse(f"{f}={self.get(f)} (megatron-core has no logit soft-capping)")
-        self._sliding_window()
         quant = self.get("quantization_config")
         if quant:
             self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
-                                 f"{quant.get('quant_method')!r}); convert must dequantize them")
+                                 f"{quant.get('quant_method')!r}); convert reads them dequantized")
         num_layers = g("num_layers", required=True)
         fields: dict[str, Any] = dict(
             architecture=self.arch, family=self.fam.name, num_layers=num_layers, hidden_size=hidden,
             ffn_hidden_size=g("ffn_hidden_size", required=True), num_attention_heads=heads,
             num_query_groups=groups, kv_channels=head_dim, vocab_size=g("vocab_size", required=True),
             max_position_embeddings=g("max_position_embeddings", 4096),
-            norm_epsilon=float(self.get("norm_epsilon", 1e-6)), activation=GATED_ACTIVATIONS[act],
+            norm_epsilon=float(self.get("norm_epsilon", 1e-6)),
+            activation=self.implied.get("glu") or GATED_ACTIVATIONS[act], glu_clamp=self.get("swiglu_limit"),
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, qk_layernorm=bool(self.get("use_qk_norm", False)),
             tie_word_embeddings=bool(self.get("tie_word_embeddings", False)),
-            rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(),
+            rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(), **self._window(),
         )
         fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
 
-    def _sliding_window(self) -> None:
+    def _window(self) -> dict:
+        """sliding_window (every layer, or the `sliding_attention` entries of layer_types)."""
         window = self.get("sliding_window")
-        if window and self.get("use_sliding_window", True) and not self.get("layer_types"):
-            self.warnings.append(
-                f"sliding_window={window}: megatron-core's local attention is full causal, so the converted "
-                f"model matches HF only on sequences of up to {window} tokens")
+        if not window or not self.get("use_sliding_window", True):
+            return {}
+        types = self.get("layer_types")
+        if not types:
+            return {"window": int(window)}
+        odd = sorted(set(types) - {"sliding_attention", "full_attention"})
+        if odd:
+            self.refuse(f"layer_types {odd}")
+        return {"window": int(window), "window_layers": tuple(int(t == "sliding_attention") for t in types)}
 
     def _rope(self) -> RopeSpec:
         params = {**(self.get("rope_scaling") or {}), **(self.get("rope_parameters") or {})}
@@ -190,9 +196,12 @@ class _Deriver:
             return RopeSpec(kind="llama3", theta=theta, factor=factor)
         if kind == "yarn":
             omp = params.get("original_max_position_embeddings") or self.get("original_max_position_embeddings")
-            if params.get("truncate") is False:
-                self.refuse("rope_scaling.truncate=false (megatron-core's yarn always rounds the correction range)")
+            if params.get("truncate") is False and self.get("kv_lora_rank") is None:
+                self.warnings.append("rope_scaling.truncate=false: Megatron-LM has no flag for it; hf2mcore sets "
+                                     "megatron-core's config.yarn_correction_range_round_to_int=False, and a "
+                                     "Megatron-LM launch must set it too or its rope differs slightly")
             return RopeSpec(kind="yarn", theta=theta, factor=factor, original_max_position_embeddings=omp,
+                            truncate=params.get("truncate", True) is not False,
                             beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
                             mscale=float(params.get("mscale", 1.0)),
                             mscale_all_dim=float(params.get("mscale_all_dim", 0.0)))

@@ -14,6 +14,7 @@ from .derive import derive, read_config
 from .atomic import atomic_dir, refuse_existing
 from .errors import ConversionError
 from .hf_io import write_sharded
+from .packed import repack
 from .from_args import hf_config_from_args
 from .mcore_io import ChunkReader, find_checkpoint, load_common, params_from_checkpoint
 from .plan import Plan, build_plan, mcore_shapes
@@ -83,7 +84,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
 
     with atomic_dir(out_dir) as tmp:
         # HF checkpoints list tensors in name order; keep that so files compare cleanly.
-        write_sharded(hf_tensors(), tmp, parse_size(shard_size))
+        write_sharded(repack(hf_tensors(), spec.moe.num_experts if spec.moe else 0), tmp, parse_size(shard_size))
         bar.close()
         write_side_files(tmp, cfg, dt, like)
     return out_dir

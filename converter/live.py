@@ -19,6 +19,7 @@ from .derive import derive, read_config
 from .errors import ConversionError
 from .hf_io import HFCheckpoint, write_sharded
 from .mcore_io import sharded_views
+from .packed import repack
 from .plan import Job, Plan, build_plan
 from .runtime import ensure_distributed
 
@@ -118,10 +119,15 @@ def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> 
     cached, rows = None, None
     for local, name, param, sh in pieces:
         job = _job(plan, name, sh)
-        if job.mcore != cached:  # the pieces of one tensor are adjacent
-            cached, rows = job.mcore, _row_sources(job, hf)
         offset = tuple(sh.global_offset[sh.prepend_axis_num:])
-        region = _read_region(hf, job, rows, offset, tuple(sh.data.shape))
+        if job.mcore != cached:  # the pieces of one tensor are adjacent
+            # a transform that is not row-wise (a transpose) needs its whole sources: one expert's matrix
+            cached, rows = job.mcore, (_row_sources(job, hf) if job.rule.transform.rowwise
+                                       else job.to_mcore([hf.get(s) for s in job.sources]))
+        if job.rule.transform.rowwise:
+            region = _read_region(hf, job, rows, offset, tuple(sh.data.shape))
+        else:
+            region = rows[tuple(slice(o, o + n) for o, n in zip(offset, sh.data.shape))]
         param.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset()).copy_(region)
         filled[id(param)] = filled.get(id(param), 0) + region.numel()
     short = sorted({local for local, _, p, _ in pieces if filled[id(p)] != p.numel()})
@@ -182,8 +188,8 @@ def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str 
         refuse_existing(out_dir, overwrite)
     pieces = _pieces(model)
     plan = _global_plan(spec, pieces)
-    tensors = ((hf_name, t) for name, full in _gathered(plan, pieces, dt)
-               for hf_name, t in plan.jobs[name].to_hf(full))
+    tensors = repack(((hf_name, t) for name, full in _gathered(plan, pieces, dt)
+                      for hf_name, t in plan.jobs[name].to_hf(full)), spec.moe.num_experts if spec.moe else 0)
     if rank != 0:
         for _ in tensors:
             pass

@@ -27,6 +27,7 @@ class RopeSpec:
     mscale_all_dim: float = 0.0
     interleaved: bool = False
     percent: float = 1.0  # share of each head's dims that rotate (partial_rotary_factor)
+    truncate: bool = True  # yarn: round the correction range to whole dims (rope_scaling.truncate)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,11 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     norm_epsilon: float
-    activation: str = "swiglu"
+    activation: str = "swiglu"  # swiglu | geglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped)
+    glu_clamp: float | None = None
+    window: int | None = None  # sliding-window attention: keys per query, itself included
+    window_layers: tuple[int, ...] | None = None  # 1 = the layer attends through the window; None = every layer
+    attention_sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
     add_qkv_bias: bool = False
     add_bias_linear: bool = False
     qk_layernorm: bool = False
@@ -97,7 +102,16 @@ class ModelSpec:
                 a["group_query_attention"] = True
                 a["num_query_groups"] = self.num_query_groups
         a.update(normalization="RMSNorm", norm_epsilon=self.norm_epsilon)
-        a["swiglu" if self.activation == "swiglu" else "geglu"] = True
+        if self.activation == "clamped_swiglu":
+            a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=_num(self.glu_clamp))
+        else:
+            a["swiglu" if self.activation == "swiglu" else "geglu"] = True
+        if self.window:
+            a["window_size"] = f"{self.window - 1},0"
+            if self.window_layers:
+                a["window_attn_skip_freq"] = "[" + ",".join(map(str, self.window_layers)) + "]"
+        if self.attention_sinks:
+            a["softmax_type"] = "learnable"
         if not self.add_bias_linear:
             a["disable_bias_linear"] = True
         if self.add_qkv_bias:
@@ -147,7 +161,6 @@ class ModelSpec:
                 a["moe_router_group_topk"] = e.group_topk
             if e.topk_scaling_factor is not None:
                 a["moe_router_topk_scaling_factor"] = _num(e.topk_scaling_factor)
-            a["moe_grouped_gemm"] = False
         # Pinned so the Megatron vocabulary is HF's at this TP (no 128*TP default padding).
         a["padded_vocab_size"] = self.padded_vocab_size(tp)
         a["make_vocab_size_divisible_by"] = 1
@@ -175,6 +188,15 @@ class ModelSpec:
         )
         kw["activation_func"] = F.silu if self.activation == "swiglu" else (
             lambda x: F.gelu(x, approximate="tanh"))
+        if self.activation == "clamped_swiglu":
+            from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+            kw.update(activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
+        if self.window:  # megatron-core counts the keys before the query: HF's window includes the query itself
+            kw.update(window_size=(self.window - 1, 0),
+                      window_attn_skip_freq=list(self.window_layers) if self.window_layers else None)
+        if self.attention_sinks:
+            kw["softmax_type"] = "learnable"
         if self.moe is not None:
             e = self.moe
             kw.update(num_moe_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk,
@@ -200,17 +222,18 @@ class ModelSpec:
                           original_max_position_embeddings=r.original_max_position_embeddings,
                           beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale,
                           mscale_all_dim=r.mscale_all_dim)
-        elif self.rope.kind == "yarn":
-            r = self.rope
-            kw.update(yarn_rotary_scaling_factor=r.factor,
-                      yarn_original_max_position_embeddings=r.original_max_position_embeddings,
-                      yarn_beta_fast=r.beta_fast, yarn_beta_slow=r.beta_slow, yarn_mscale=r.mscale,
-                      yarn_mscale_all_dim=r.mscale_all_dim)
         kw.update(overrides)
         try:
-            return cls(**kw)
+            config = cls(**kw)
         except (AssertionError, ValueError) as exc:
             raise ConversionError(f"megatron-core rejects the derived config at tp={tp} pp={pp} ep={ep}: {exc}") from exc
+        if self.mla is None and self.rope.kind == "yarn":  # GPTModel reads these attributes; they are not fields
+            r = self.rope
+            for k, v in dict(rotary_scaling_factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings,
+                             beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale,
+                             mscale_all_dim=r.mscale_all_dim, correction_range_round_to_int=r.truncate).items():
+                setattr(config, "yarn_" + k, v)
+        return config
 
     def check_parallel(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> None:
         """Explain, before any work, why the model cannot be split this way."""

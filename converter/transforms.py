@@ -25,6 +25,7 @@ class Transform:
     name: str
     to_mcore: Callable[[list[torch.Tensor], Ctx], torch.Tensor]
     to_hf: Callable[[torch.Tensor, Ctx], list[torch.Tensor]]
+    rowwise: bool = True  # moves whole rows (dim 0): a part of the result needs only some source rows
 
 
 def _qkv_merge(src, c: Ctx):
@@ -77,3 +78,7 @@ FUSED_QKV = Transform("fused_qkv", _fused_qkv_merge, _fused_qkv_split)
 GATE_UP = Transform("gate_up", lambda s, c: torch.cat(s), lambda w, c: list(w.chunk(2)))
 VOCAB = Transform("vocab", _pad_rows, lambda w, c: [w[: c.hf_rows]])
 INTERLEAVED_GATE_UP = Transform("interleaved_gate_up", _interleaved_to_halves, _halves_to_interleaved)
+TRANSPOSE = Transform("transpose", lambda s, c: s[0].t(), lambda w, c: [w.t()], rowwise=False)
+# gpt-oss experts: HF [hidden, 2 * ffn] with gate and up interleaved along the columns
+INTERLEAVED_GATE_UP_T = Transform("interleaved_gate_up_t", lambda s, c: _interleaved_to_halves([s[0].t()], c),
+                                  lambda w, c: [_halves_to_interleaved(w, c)[0].t()], rowwise=False)

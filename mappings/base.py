@@ -41,6 +41,8 @@ class Family:
     rules: tuple[Rule, ...] = ()
     # HF tensors that are not model weights (regexes)
     ignore: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
+    # HF tensors that stack every expert of a layer (regexes); rules name one expert's slice as `<name>[{e}]`
+    packed: tuple[str, ...] = ()
     # Non-empty: the family is known but cannot be converted; the text names the features
     refuse: str = ""
     notes: dict = field(default_factory=dict)

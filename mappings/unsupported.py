@@ -10,9 +10,6 @@ FAMILIES = (
            refuse="rope_scaling llama3 with low_freq_factor/high_freq_factor other than 1/4 (megatron-core hard-codes "
                   "1 and 4), per-layer NoPE with temperature tuning (attn_temperature_tuning) and chunked attention "
                   "(attention_chunk_size)"),
-    Family("gpt_oss", {"GptOssForCausalLM": {}},
-           refuse="MXFP4-packed experts with attention sinks, the clamped GLU (swiglu_limit) and expert biases "
-                  "(not yet mapped by hf2mcore)"),
     Family("nemotron_h", {"NemotronHForCausalLM": {}},
            refuse="hybrid Mamba-2 layers (hybrid_override_pattern); GPTModel has no Mamba layers"),
     Family("qwen3_next", {"Qwen3NextForCausalLM": {}},

@@ -25,6 +25,7 @@ FAMILY_CONFIGS = [
     "deepseek-ai/DeepSeek-V2-Lite",  # MLA without q compression, dense-first layers, shared experts, yarn
     "deepseek-ai/DeepSeek-V3",  # MLA, grouped sigmoid routing with expert bias and routed scaling
     "transformers:glm4_moe:Glm4MoeForCausalLM",  # GLM-4.5: partial rotary, qkv-only bias, sigmoid MoE, shared expert
+    "openai/gpt-oss-20b",  # sinks, alternating sliding window, yarn (not truncated), packed experts, clamped GLU
 ]
 # optional features a family's defaults leave off, switched on so the tests see them
 OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,

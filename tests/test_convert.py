@@ -160,6 +160,45 @@ def _fp8_blocks(w, block):
     return w8, scale, w8.float() * full
 
 
+def _mxfp4(w):
+    """[E, in, out] floats -> gpt-oss's MXFP4 blocks [E, out, in/32, 16] and scales, and the values they encode."""
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    t = w.transpose(1, 2)
+    g = t.reshape(*t.shape[:2], -1, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-30) / 6)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)[..., None]
+    idx = (scaled.abs()[..., None] - lut).abs().argmin(-1)
+    code = idx + 8 * (scaled < 0)
+    values = (lut[idx] * torch.where(scaled < 0, -1.0, 1.0) * torch.exp2(exp)[..., None]).reshape(t.shape)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8), values.transpose(1, 2).contiguous()
+
+
+def test_mxfp4_source_is_dequantized(tiny_models, tmp_path):
+    """gpt-oss's MXFP4 experts (blocks + scales, [experts, out, in]) convert to the values they encode."""
+    src = tiny_models("openai/gpt-oss-20b")
+    quant, deq = _copy(src, tmp_path / "mxfp4"), _copy(src, tmp_path / "deq")
+    q_t, d_t = {}, {}
+    for k, t in _tensors(src).items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            q_t[k + "_blocks"], q_t[k + "_scales"], d_t[k] = _mxfp4(t)
+        else:
+            q_t[k] = d_t[k] = t
+    save_file(q_t, str(quant / "model.safetensors"))
+    save_file(d_t, str(deq / "model.safetensors"))
+    cfg = json.loads((quant / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (quant / "config.json").write_text(json.dumps(cfg))
+    out = convert(quant, tmp_path / "mc", dtype="fp32", progress=False)
+    assert_bit_exact(deq, export(out, tmp_path / "back", like=deq, progress=False))
+    assert verify(deq, out)["ok"]
+    from converter import derive
+    from converter.dequant import open_source
+
+    name = next(k for k in d_t if k.endswith("experts.down_proj"))
+    assert torch.equal(open_source(quant, derive(quant)).get(name + "[1]"), d_t[name][1])
+
+
 def test_fp8_block_source_is_dequantized(tiny_models, tmp_path):
     """DeepSeek-V3-style fp8 weights + weight_scale_inv (blocks of 16, some partial) convert to the values they
     stand for: the export equals an fp32 checkpoint of the dequantized values, logits match HF on it, and the

@@ -111,7 +111,9 @@ def test_family_traits():
     assert mix.moe.num_experts == 8 and mix.moe.topk == 2 and not mix.moe.pre_softmax
     assert mix.moe.ffn_hidden_size == 14336
     assert derive(CONFIGS / "meta-llama/Llama-3.2-1B").tie_word_embeddings
-    assert any("sliding_window" in w for w in derive(CONFIGS / "mistralai/Mistral-7B-v0.1").warnings)
+    mistral = derive(CONFIGS / "mistralai/Mistral-7B-v0.1")  # the window includes the query itself
+    assert mistral.window == 4096 and mistral.megatron_args()["window_size"] == "4095,0"
+    assert mistral.transformer_config().window_size == (4095, 0)
 
 
 @pytest.mark.parametrize("name,feature", [
@@ -119,11 +121,23 @@ def test_family_traits():
     ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "high_freq_factor"),
     ("nvidia/Nemotron-H-56B-Base-8K", "Mamba"),
     ("Qwen/Qwen3-Next-80B-A3B-Thinking", "linear-attention"),
-    ("openai/gpt-oss-20b", "MXFP4"),
 ])
 def test_refusals_name_the_feature(name, feature):
     with pytest.raises(ConversionError, match=feature):
         derive(CONFIGS / name)
+
+
+def test_gpt_oss_traits():
+    spec = derive(CONFIGS / "openai/gpt-oss-20b")
+    a = spec.megatron_args()
+    assert spec.attention_sinks and a["softmax_type"] == "learnable"
+    assert a["window_size"] == "127,0" and a["window_attn_skip_freq"].startswith("[1,0,1,0")
+    assert a["quick_geglu"] and a["glu_linear_offset"] == 1.0 and a["activation_func_clamp_value"] == 7
+    assert "disable_bias_linear" not in a and a["add_qkv_bias"] and not spec.rope.truncate
+    c = spec.transformer_config()
+    assert c.window_size == (127, 0) and c.window_attn_skip_freq[:2] == [1, 0] and c.add_bias_linear
+    assert c.yarn_correction_range_round_to_int is False and c.activation_func_clamp_value == 7.0
+    assert any("truncate=false" in w for w in spec.warnings)
 
 
 def test_glm45_traits_from_transformers_defaults():

@@ -21,6 +21,7 @@ LAYOUTS = [
     ("meta-llama/Llama-3.2-1B", 1, 2, 1),  # PP with tied embeddings
     ("mistralai/Mixtral-8x7B-v0.1", 1, 1, 2),  # EP: two experts per rank
     ("deepseek-ai/DeepSeek-V3", 2, 1, 1),  # TP over multi-latent attention, shared experts, expert bias
+    ("openai/gpt-oss-20b", 1, 1, 2),  # EP over packed experts (each rank reads only its experts' slices)
 ]
 
 

@@ -35,6 +35,10 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
     for k in ("num_local_experts", "num_experts", "n_routed_experts"):
         if c.get(k):
             c[k] = experts
+    if c.get("layer_types"):
+        c["layer_types"] = c["layer_types"][: c["num_hidden_layers"]]
+    if c.get("sliding_window"):  # shorter than the test text, so the window shows
+        c["sliding_window"] = 16
     if (c.get("n_group") or 1) > 1:  # grouped routing: groups must divide the (fewer) experts
         c["n_group"], c["topk_group"] = 2, 1
     if c.get("num_experts_per_tok"):
