@@ -109,4 +109,8 @@ def test_cli_quantizes_on_cuda(smollm2, tmp_path):
              "--export-hf", tmp_path / "hf")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
-    assert abs(report["perplexity_change_pct"]) < 2, report
+    # fp8 costs this Q4_1-sourced 135M model about 3-5 % perplexity, as ModelOpt on the HF model does
+    # (benchmarks/RESULTS.md); a broken conversion or calibration costs far more
+    assert 0 < report["perplexity_change_pct"] < 10 and report["quantized"]["kl_per_token"] < 0.2, report
+    assert (tmp_path / "hf" / "hf_quant_config.json").is_file()
+    print(json.dumps({k: report[k] for k in ("perplexity_change_pct", "bf16", "quantized")}))
