@@ -51,6 +51,8 @@ class FP8BlockCheckpoint(HFCheckpoint):
         self.block = block
         names = set(self.file_of)
         stored = super().dtype
+        if not any(stored(n) in FP8 for n in names):
+            raise ConversionError(f"quantization_config.quant_method='fp8' but {path} has no fp8 tensors")
         for n in names:
             if stored(n) in FP8 and n + SCALE not in names:
                 raise ConversionError(f"fp8 tensor {n} has no {n + SCALE}")
@@ -102,6 +104,8 @@ class MXFP4Checkpoint(HFCheckpoint):
         super().__init__(path)
         names = set(self.file_of)
         self.quantized = {n.removesuffix("_blocks") for n in names if n.endswith("_blocks")}
+        if not self.quantized:
+            raise ConversionError(f"quantization_config.quant_method='mxfp4' but {path} has no *_blocks tensors")
         for w in self.quantized:
             if w + "_scales" not in names:
                 raise ConversionError(f"mxfp4 tensor {w}_blocks has no {w}_scales")

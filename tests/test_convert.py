@@ -143,9 +143,12 @@ def test_wrong_shape_is_named(tiny_models, tmp_path):
 def test_quantized_source_is_refused(tiny_models, tmp_path):
     hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    cfg["quantization_config"] = {"quant_method": "awq"}
     (hf / "config.json").write_text(json.dumps(cfg))
-    _assert_fails_cleanly(hf, tmp_path, "quant_method='mxfp4'")
+    _assert_fails_cleanly(hf, tmp_path, "quant_method='awq'")
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}  # supported, but these weights are not mxfp4
+    (hf / "config.json").write_text(json.dumps(cfg))
+    _assert_fails_cleanly(hf, tmp_path, "no *_blocks tensors")
 
 
 def _fp8_blocks(w, block):
