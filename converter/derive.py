@@ -16,7 +16,7 @@ from .spec import MLASpec, MoESpec, ModelSpec, RopeSpec
 ALIASES = {
     "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "ffn_hidden_size": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    "ffn_hidden_size": ("intermediate_size_mlp", "intermediate_size", "ffn_hidden_size", "n_inner"),
     "num_attention_heads": ("num_attention_heads", "n_head"),
     "num_query_groups": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
     "head_dim": ("head_dim", "kv_channels", "attention_head_dim"),
@@ -156,12 +156,32 @@ class _Deriver:
             max_position_embeddings=g("max_position_embeddings", 4096),
             norm_epsilon=float(self.get("norm_epsilon", 1e-6)),
             activation=self.implied.get("glu") or GATED_ACTIVATIONS[act], glu_clamp=self.get("swiglu_limit"),
-            add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, qk_layernorm=bool(self.get("use_qk_norm", False)),
+            add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
             tie_word_embeddings=bool(self.get("tie_word_embeddings", False)),
             rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(), **self._window(),
+            nope_layers=self._nope_layers(num_layers),
         )
         fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
+
+    def _qk_norm(self) -> dict:
+        """use_qk_norm: RMSNorm with weights (GLM), or a weightless L2 norm where the architecture says so (Llama 4)."""
+        on = bool(self.get("use_qk_norm", False))
+        l2 = on and bool(self.implied.get("qk_norm_is_l2"))
+        return {"qk_layernorm": on and not l2, "qk_l2_norm": l2}
+
+    def _nope_layers(self, n: int) -> tuple[int, ...] | None:
+        """Layers without rotary embeddings (Llama 4's no_rope_layers: 1 = uses rope; empty = every 4th is NoPE)."""
+        if "no_rope_layers" not in self.cfg:
+            return None
+        uses = self.cfg["no_rope_layers"] or [int((i + 1) % int(self.get("no_rope_layer_interval", 4)) != 0)
+                                              for i in range(n)]
+        for f, what in (("attention_chunk_size", "attention is chunked every {} tokens on rope layers"),
+                        ("floor_scale", "NoPE layers scale queries by position beyond {} tokens")):
+            if self.get(f) and (f != "floor_scale" or self.get("attn_temperature_tuning", True)):
+                self.warnings.append(f"{f}={self.get(f)}: in HF {what.format(self.get(f))}; megatron-core attends "
+                                     "causally over the whole sequence, so outputs agree up to that length")
+        return tuple(1 - int(u) for u in uses)
 
     def _window(self) -> dict:
         """sliding_window (every layer, or the `sliding_attention` entries of layer_types)."""
@@ -186,14 +206,19 @@ class _Deriver:
         if percent != 1.0 and kind != "default":
             self.refuse(f"partial_rotary_factor={percent} with {kind} rope scaling")
         if kind == "default":
-            return RopeSpec(theta=theta, percent=percent)
+            return RopeSpec(theta=theta, percent=percent, interleaved=bool(self.get("rope_interleaved", False)))
         factor = float(params.get("factor", 1.0))
         if kind == "llama3":
-            for k, want in MCORE_LLAMA3.items():
-                if float(params.get(k, want)) != want:
-                    self.refuse(f"rope_scaling.{k}={params.get(k)} (megatron-core's llama3 rope scaling "
-                                f"hard-codes {k}={want:g})")
-            return RopeSpec(kind="llama3", theta=theta, factor=factor)
+            got = {k: float(params.get(k, want)) for k, want in MCORE_LLAMA3.items()}
+            odd = {k: v for k, v in got.items() if v != MCORE_LLAMA3[k]}
+            if odd:  # exact in hf2mcore's model (build_model sets the frequencies); not in a Megatron-LM launch
+                self.warnings.append(f"rope_scaling {odd}: Megatron-LM's --use-rope-scaling hard-codes "
+                                     f"{MCORE_LLAMA3}; hf2mcore's model uses HF's values, a Megatron-LM launch from "
+                                     "megatron_args.sh would not")
+            return RopeSpec(kind="llama3", theta=theta, factor=factor, low_freq_factor=got["low_freq_factor"],
+                            high_freq_factor=got["high_freq_factor"],
+                            original_max_position_embeddings=int(got["original_max_position_embeddings"]),
+                            interleaved=bool(self.get("rope_interleaved", False)))
         if kind == "yarn":
             omp = params.get("original_max_position_embeddings") or self.get("original_max_position_embeddings")
             if params.get("truncate") is False and self.get("kv_lora_rank") is None:
@@ -212,7 +237,7 @@ class _Deriver:
         if not experts:
             return None
         topk = self.int_field("topk", required=True)
-        ffn = self.get("moe_ffn") or self.get("ffn_hidden_size")
+        ffn = self.get("moe_ffn") or self.get("intermediate_size") or self.get("ffn_hidden_size")
         pattern = self._moe_pattern(num_layers)
         shared = self.get("shared_expert_intermediate_size") or (self.get("n_shared_experts") or 0) * ffn
         score = self.get("scoring_func", "softmax")
@@ -235,6 +260,7 @@ class _Deriver:
             num_groups=n_group if grouped else None, group_topk=topk_group if grouped else None,
             topk_scaling_factor=float(scaling) if scaling not in (None, 1, 1.0) else None,
             shared_expert_gate=bool(self.implied.get("shared_expert_gate", False)),
+            probs_on_input=bool(self.implied.get("moe_probs_on_input", False)),
         )
 
     def _moe_pattern(self, n: int) -> tuple[int, ...]:

@@ -26,6 +26,8 @@ class RopeSpec:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     interleaved: bool = False
+    low_freq_factor: float = 1.0  # llama3 scaling (megatron-core's RotaryEmbedding hard-codes 1, 4 and 8192)
+    high_freq_factor: float = 4.0
     percent: float = 1.0  # share of each head's dims that rotate (partial_rotary_factor)
     truncate: bool = True  # yarn: round the correction range to whole dims (rope_scaling.truncate)
 
@@ -44,6 +46,7 @@ class MoESpec:
     group_topk: int | None = None
     topk_scaling_factor: float | None = None
     shared_expert_gate: bool = False
+    probs_on_input: bool = False  # routing weight scales the expert's input, not its output (Llama 4)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class ModelSpec:
     window: int | None = None  # sliding-window attention: keys per query, itself included
     window_layers: tuple[int, ...] | None = None  # 1 = the layer attends through the window; None = every layer
     attention_sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
+    nope_layers: tuple[int, ...] | None = None  # 1 = the layer has no rotary embedding (Llama 4)
+    qk_l2_norm: bool = False  # weightless RMS normalisation of q and k (Llama 4; HF skips it on NoPE layers)
     add_qkv_bias: bool = False
     add_bias_linear: bool = False
     qk_layernorm: bool = False
@@ -112,6 +117,10 @@ class ModelSpec:
                 a["window_attn_skip_freq"] = "[" + ",".join(map(str, self.window_layers)) + "]"
         if self.attention_sinks:
             a["softmax_type"] = "learnable"
+        if self.nope_layers:
+            a["no_rope_freq"] = "[" + ",".join(map(str, self.nope_layers)) + "]"
+        if self.qk_l2_norm:
+            a["qk_l2_norm"] = True
         if not self.add_bias_linear:
             a["disable_bias_linear"] = True
         if self.add_qkv_bias:
@@ -151,6 +160,8 @@ class ModelSpec:
                 a["moe_shared_expert_intermediate_size"] = e.shared_expert_size
             if e.shared_expert_gate:
                 a["moe_shared_expert_gate"] = True
+            if e.probs_on_input:
+                a["moe_apply_probs_on_input"] = True
             a["moe_router_score_function"] = e.score_function
             if e.pre_softmax:
                 a["moe_router_pre_softmax"] = True
@@ -197,6 +208,9 @@ class ModelSpec:
                       window_attn_skip_freq=list(self.window_layers) if self.window_layers else None)
         if self.attention_sinks:
             kw["softmax_type"] = "learnable"
+        if self.nope_layers:
+            kw["no_rope_freq"] = list(self.nope_layers)
+        kw.update(qk_l2_norm=self.qk_l2_norm, rotary_interleaved=self.rope.interleaved)
         if self.moe is not None:
             e = self.moe
             kw.update(num_moe_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk,
@@ -208,7 +222,7 @@ class ModelSpec:
                       moe_router_load_balancing_type="none",
                       moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
                       moe_shared_expert_intermediate_size=e.shared_expert_size or None,
-                      moe_shared_expert_gate=e.shared_expert_gate)
+                      moe_shared_expert_gate=e.shared_expert_gate, moe_apply_probs_on_input=e.probs_on_input)
         cls = TransformerConfig
         if self.mla is not None:
             m, r = self.mla, self.rope
@@ -293,9 +307,24 @@ class ModelSpec:
                 attn.core_attention = LocalMLACoreAttention
                 if self.mla.q_lora_rank is None:  # no compressed q, so nothing to normalise (DeepSeek-V2-Lite)
                     attn.q_layernorm = IdentityOp
+        if self.qk_l2_norm:  # the block spec leaves q/k norms out; HF has them only on the layers that rotate
+            from megatron.core.transformer.identity_op import IdentityOp
+            from megatron.core.transformer.torch_norm import L2Norm
+            from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+            layer_spec = copy.deepcopy(layer_spec)  # its layers are one shared spec object: give each its own
+            layer_spec.layer_specs = [copy.deepcopy(layer) for layer in layer_spec.layer_specs]
+            offset = get_transformer_layer_offset(config, vp_stage=vp_stage)  # this stage's first global layer
+            for i, layer in enumerate(layer_spec.layer_specs):
+                nope = bool(self.nope_layers and self.nope_layers[offset + i])
+                attn = layer.submodules.self_attention.submodules
+                attn.q_layernorm = attn.k_layernorm = IdentityOp if nope else L2Norm
         r = self.rope
+        custom_llama3 = r.kind == "llama3" and (r.low_freq_factor, r.high_freq_factor,
+                                                r.original_max_position_embeddings) != (1.0, 4.0, 8192)
         kwargs = dict(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
-                      rotary_base=r.theta, rotary_percent=r.percent, rope_scaling=r.kind == "llama3",
+                      rotary_base=r.theta, rotary_percent=r.percent,
+                      rope_scaling=r.kind == "llama3" and not custom_llama3,
                       rope_scaling_factor=r.factor if r.kind == "llama3" else 8.0)
         # MLA's yarn embedding asks torch.cuda for a device even with use_cpu_initialization.
         with torch.device("cpu" if device == "cpu" else device), cpu_patches():
@@ -304,6 +333,12 @@ class ModelSpec:
                              pre_process=pre_process, post_process=post_process,
                              share_embeddings_and_output_weights=self.tie_word_embeddings,
                              parallel_output=False, vp_stage=vp_stage, **kwargs)
+        if custom_llama3:
+            # megatron-core's llama3 scaling takes only the factor; apply HF's other constants with its own code
+            rope = model.rotary_pos_emb
+            rope.inv_freq = rope._apply_scaling(rope.inv_freq, factor=r.factor, low_freq_factor=r.low_freq_factor,
+                                                high_freq_factor=r.high_freq_factor,
+                                                original_max_position_embeddings=r.original_max_position_embeddings)
         if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
             model = model.to(device)
         return model
@@ -315,3 +350,4 @@ class ModelSpec:
 def _num(x: float):
     """Print 500000.0 as 500000 in argument files, keep real fractions."""
     return int(x) if float(x).is_integer() else x
+

@@ -6,10 +6,6 @@ FAMILIES = (
            refuse="attn_logit_softcapping / final_logit_softcapping (no logit soft-capping in megatron-core), "
                   "post_attention / post_feedforward norms around each block (not in the megatron-core layer) and "
                   "the sqrt(hidden_size) embedding scale"),
-    Family("llama4", {"Llama4ForConditionalGeneration": {}, "Llama4ForCausalLM": {}},
-           refuse="rope_scaling llama3 with low_freq_factor/high_freq_factor other than 1/4 (megatron-core hard-codes "
-                  "1 and 4), per-layer NoPE with temperature tuning (attn_temperature_tuning) and chunked attention "
-                  "(attention_chunk_size)"),
     Family("nemotron_h", {"NemotronHForCausalLM": {}},
            refuse="hybrid Mamba-2 layers (hybrid_override_pattern); GPTModel has no Mamba layers"),
     Family("qwen3_next", {"Qwen3NextForCausalLM": {}},

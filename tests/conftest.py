@@ -26,10 +26,14 @@ FAMILY_CONFIGS = [
     "deepseek-ai/DeepSeek-V3",  # MLA, grouped sigmoid routing with expert bias and routed scaling
     "transformers:glm4_moe:Glm4MoeForCausalLM",  # GLM-4.5: partial rotary, qkv-only bias, sigmoid MoE, shared expert
     "openai/gpt-oss-20b",  # sinks, alternating sliding window, yarn (not truncated), packed experts, clamped GLU
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct:text",  # NoPE, L2 q/k norm, llama3 rope (high 1), top-1 on input
 ]
 # optional features a family's defaults leave off, switched on so the tests see them
 OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
-                                                          "routed_scaling_factor": 2.5}}
+                                                          "routed_scaling_factor": 2.5},
+             # two layers: one NoPE, one dense
+             "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
+                                                                "interleave_moe_layer_step": 2}}
 
 
 @pytest.fixture(scope="session")

@@ -287,3 +287,21 @@ def test_export_without_like_refuses_what_arguments_cannot_name(tmp_path):
         hf_config_from_args(Namespace(multi_latent_attention=True))
     with pytest.raises(ConversionError, match="RMSNorm"):
         hf_config_from_args(Namespace(normalization="LayerNorm", swiglu=False))
+
+
+def test_llama4_multimodal_checkpoint_converts_its_language_model(tiny_models, tmp_path):
+    """Llama4ForConditionalGeneration keeps the language model under `language_model.` next to a vision tower:
+    the text model converts (vision left out), matches the text-only HF model and exports with the wrapper's names."""
+    text = tiny_models("meta-llama/Llama-4-Scout-17B-16E-Instruct:text")
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    tensors = {"language_model." + k: v for k, v in _tensors(text).items()}
+    save_file({**tensors, "vision_model.patch_embedding.weight": torch.ones(4, 4),
+               "multi_modal_projector.linear_1.weight": torch.ones(4, 4)}, str(mm / "model.safetensors"))
+    cfg = json.loads((text / "config.json").read_text())
+    (mm / "config.json").write_text(json.dumps({"architectures": ["Llama4ForConditionalGeneration"],
+                                                "model_type": "llama4", "text_config": cfg}))
+    out = convert(mm, tmp_path / "mc", dtype="fp32", progress=False)
+    assert verify(text, out)["ok"]
+    back = _tensors(export(out, tmp_path / "back", progress=False))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)

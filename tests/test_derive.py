@@ -118,13 +118,25 @@ def test_family_traits():
 
 @pytest.mark.parametrize("name,feature", [
     ("google/gemma-2-2b", "softcapping"),
-    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "high_freq_factor"),
     ("nvidia/Nemotron-H-56B-Base-8K", "Mamba"),
     ("Qwen/Qwen3-Next-80B-A3B-Thinking", "linear-attention"),
 ])
 def test_refusals_name_the_feature(name, feature):
     with pytest.raises(ConversionError, match=feature):
         derive(CONFIGS / name)
+
+
+def test_llama4_traits():
+    """Scout (multimodal wrapper, text_config): every 4th layer NoPE, L2 q/k norm, interleaved llama3 rope with
+    HF's own factors (warned: Megatron-LM's flag cannot carry them), top-1 sigmoid on the expert input."""
+    spec = derive(CONFIGS / "meta-llama/Llama-4-Scout-17B-16E-Instruct")
+    a = spec.megatron_args()
+    assert spec.family == "llama4_multimodal" and spec.nope_layers[:4] == (0, 0, 0, 1)
+    assert a["qk_l2_norm"] and "qk_layernorm" not in a and a["rotary_interleaved"] and a["no_rope_freq"].startswith("[0,0,0,1")
+    assert a["moe_router_topk"] == 1 and a["moe_router_score_function"] == "sigmoid" and a["moe_apply_probs_on_input"]
+    assert a["moe_shared_expert_intermediate_size"] == 8192 and a["ffn_hidden_size"] == 16384
+    assert spec.rope.high_freq_factor == 1.0 and any("high_freq_factor" in w for w in spec.warnings)
+    assert any("attention_chunk_size=8192" in w for w in spec.warnings)
 
 
 def test_gpt_oss_traits():

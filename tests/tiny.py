@@ -14,6 +14,10 @@ CONFIGS = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared
 def real_config(name: str) -> dict:
     """A config of ../shared/hf_configs; `transformers:<model_type>:<Architecture>` takes transformers' class
     defaults instead (for families without a config there; e.g. Glm4MoeConfig's defaults are GLM-4.5's)."""
+    if name.endswith(":text"):  # the language model of a multimodal checkpoint, as a causal LM of its own
+        cfg = json.loads((CONFIGS / name.removesuffix(":text") / "config.json").read_text())["text_config"]
+        arch = cfg.get("architectures") or [f"{cfg['model_type'].removesuffix('_text').capitalize()}ForCausalLM"]
+        return {**cfg, "architectures": arch}
     if name.startswith("transformers:"):
         from transformers import AutoConfig
 
@@ -42,7 +46,9 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
     if (c.get("n_group") or 1) > 1:  # grouped routing: groups must divide the (fewer) experts
         c["n_group"], c["topk_group"] = 2, 1
     if c.get("num_experts_per_tok"):
-        c["num_experts_per_tok"] = min(2, experts)
+        c["num_experts_per_tok"] = min(c["num_experts_per_tok"], 2, experts)
+    if c.get("intermediate_size_mlp"):
+        c["intermediate_size_mlp"] = 128
     if c.get("moe_intermediate_size"):
         c["moe_intermediate_size"] = 32
     if c.get("first_k_dense_replace"):
