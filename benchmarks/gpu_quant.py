@@ -41,6 +41,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-size", type=int, default=16)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of this script with fake quantization")
+    p.add_argument("--tiny-families", action="store_true", help="also every family's tiny model on the GPU")
+    p.add_argument("--skip-smollm2", action="store_true")
     a = p.parse_args()
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +69,10 @@ def main():
 
     dev = a.device
     print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}", flush=True)
+    if a.tiny_families:
+        stage(f"tiny families on {dev}: convert + verify fp32, quantize fp8", lambda: tiny_families(dev))
+    if a.skip_smollm2:
+        return print_table(rows)
     hf = str(smollm2_dir())
 
     def convert_verify():
@@ -130,6 +136,31 @@ def main():
 
         stage("tiny Qwen3-MoE quantize", moe)
 
+    print_table(rows)
+
+
+def tiny_families(dev: str) -> dict:
+    """Every supported family's tiny model (tests/conftest.py) on the GPU: logits against HF, then fp8 with every
+    quantizer calibrated."""
+    import torch
+    from conftest import FAMILY_CONFIGS, OVERRIDES
+    from tiny import make_model, real_config, shrink
+
+    from converter import convert, megatron_model, verify
+    from converter.quantize import quantize, uncalibrated
+
+    out = {}
+    for name in FAMILY_CONFIGS:
+        d = make_model({**shrink(real_config(name)), **OVERRIDES.get(name, {})}, Path("/tmp/tiny") / name)
+        r = verify(d, convert(d, Path("/tmp/tiny_mc") / name, dtype="fp32", overwrite=True, progress=False),
+                   device=dev)
+        model = megatron_model(d, device=dev, dtype="bf16").eval()
+        quantize(model, "fp8", [torch.tensor([[5, 17, 101, 7, 9]])])
+        out[name] = f"rel {r['rel_err']:.1e} top1 {r['top1_agreement']:.2f}, fp8 uncalibrated {len(uncalibrated(model))}"
+    return out
+
+
+def print_table(rows) -> None:
     print("\n| stage | status | time | result |\n|---|---|---|---|")
     for name, status, t, res in rows:
         if isinstance(res, dict) and "quantized" in res:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 # ../shared beside the checkout (as CI lays it out), else the workplace's copy
-CONFIGS = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared" / "hf_configs",
+CONFIGS = next((p for p in (Path(os.environ.get("HF2MCORE_HF_CONFIGS", "/nonexistent")),
+                            Path(__file__).resolve().parents[1].parent / "shared" / "hf_configs",
                             Path("/work/shared/hf_configs")) if p.is_dir()), Path("shared/hf_configs"))
 
 
