@@ -4,8 +4,9 @@ from .derive import derive
 from .errors import ConversionError
 from .export import export
 from .live import load_hf_weights, megatron_model, save_hf_weights
+from .quantize import quantize
 from .spec import ModelSpec
 from .verify import verify
 
 __all__ = ["derive", "ModelSpec", "ConversionError", "convert", "export", "verify", "load_hf_weights",
-           "save_hf_weights", "megatron_model"]
+           "save_hf_weights", "megatron_model", "quantize"]
