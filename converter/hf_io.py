@@ -67,7 +67,6 @@ class HFCheckpoint:
             if missing:
                 raise ConversionError(f"{len(missing)} tensors named in {INDEX} are absent from their shards, "
                                       f"e.g. {missing[:3]}")
-        self._sizes = {f: fp.stat().st_size for f in files if (fp := self.path / f)}
 
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():
@@ -111,9 +110,6 @@ class HFCheckpoint:
         if rows.step != 1:
             raise ConversionError(f"internal: strided read of {name}")
         return self._read_rows(name, rows.start, rows.stop)[(slice(None), *index[1:])]
-
-    def total_bytes(self) -> int:
-        return sum(self._sizes.values())
 
 
 def _header(path: Path) -> tuple[dict, int]:

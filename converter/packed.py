@@ -21,7 +21,7 @@ class PackedExperts:
         rx = [re.compile(p) for p in patterns]
         self.packed = {n for n in hf.names() if any(r.fullmatch(n) for r in rx)}
 
-    def __getattr__(self, name):  # file_of, total_bytes, ... of the wrapped reader
+    def __getattr__(self, name):  # file_of and the rest of the wrapped reader
         return getattr(self.hf, name)
 
     def names(self) -> list[str]:
