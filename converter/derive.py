@@ -10,7 +10,7 @@ from typing import Any
 from mappings import BY_ARCHITECTURE, FAMILIES, Family, supported
 
 from .errors import ConversionError
-from .spec import MLASpec, MoESpec, ModelSpec, RopeSpec
+from .spec import MCORE_LLAMA3, MLASpec, MoESpec, ModelSpec, RopeSpec
 
 # Field aliases, first match wins (HF spellings across model families).
 ALIASES = {
@@ -31,8 +31,6 @@ DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_
              "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
              "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step")
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
-# Megatron-core's llama3 rope scaling hard-codes these (rotary_pos_embedding._apply_scaling defaults).
-MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def read_config(path: str | Path) -> dict:
@@ -176,11 +174,14 @@ class _Deriver:
             return None
         uses = self.cfg["no_rope_layers"] or [int((i + 1) % int(self.get("no_rope_layer_interval", 4)) != 0)
                                               for i in range(n)]
-        for f, what in (("attention_chunk_size", "attention is chunked every {} tokens on rope layers"),
-                        ("floor_scale", "NoPE layers scale queries by position beyond {} tokens")):
-            if self.get(f) and (f != "floor_scale" or self.get("attn_temperature_tuning", True)):
-                self.warnings.append(f"{f}={self.get(f)}: in HF {what.format(self.get(f))}; megatron-core attends "
-                                     "causally over the whole sequence, so outputs agree up to that length")
+        effects = {}
+        if self.get("attention_chunk_size"):
+            effects["attention_chunk_size"] = "attention is chunked every {} tokens on rope layers"
+        if self.get("floor_scale") and self.get("attn_temperature_tuning", True):
+            effects["floor_scale"] = "NoPE layers scale queries by position beyond {} tokens"
+        for f, what in effects.items():
+            self.warnings.append(f"{f}={self.get(f)}: in HF {what.format(self.get(f))}; megatron-core attends "
+                                 "causally over the whole sequence, so outputs agree up to that length")
         return tuple(1 - int(u) for u in uses)
 
     def _window(self) -> dict:

@@ -34,7 +34,7 @@ def parse_size(s: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
 
 
-def _source_config(root: Path, ckpt: Path, like: Path | None) -> dict:
+def source_config(root: Path, ckpt: Path, like: Path | None) -> dict:
     """--like's config, else the one hf2mcore recorded, else one re-derived from Megatron-LM's saved arguments."""
     if like is not None:
         return read_config(like)
@@ -69,7 +69,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     like = Path(like) if like else None
     ckpt = find_checkpoint(root)
     refuse_existing(out_dir, overwrite)
-    cfg = _source_config(root if root != ckpt else ckpt.parent, ckpt, like)
+    cfg = source_config(root if root != ckpt else ckpt.parent, ckpt, like)
     spec = derive(cfg, family=family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(ckpt.parent, cfg)
     ensure_distributed()

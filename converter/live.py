@@ -49,7 +49,7 @@ def _global_name(local: str, sh) -> str:
 
 
 def _pieces(model) -> list[tuple[str, str, torch.Tensor, object]]:
-    """(local name, global name, parameter, ShardedTensor) for every piece of every tensor on this rank."""
+    """(local name, plan name, parameter, ShardedTensor) for every piece of every tensor on this rank."""
     out = []
     for chunk in _chunks(model):
         params = {n: t for n, t in chunk.state_dict(keep_vars=True).items()
@@ -58,17 +58,19 @@ def _pieces(model) -> list[tuple[str, str, torch.Tensor, object]]:
         lost = [n for n in params if n not in views]
         if lost:
             raise ConversionError(f"model tensors with no place in the checkpoint layout: {lost[:5]}")
-        out += [(local, _global_name(local, sh), params[local], sh) for local in params for sh in views[local]]
+        out += [(local, _plan_name(local, sh), params[local], sh) for local in params for sh in views[local]]
     return out
 
 
+def _plan_name(local: str, sh) -> str:
+    """The plan's name for this piece; a tied output layer on the last pipeline stage is a piece of the word
+    embeddings, and megatron-core keys it so (an untied one is keyed by its own name)."""
+    return sh.key if local.startswith("output_layer.") else _global_name(local, sh)
+
+
 def _global_plan(spec, pieces, hf_shapes=None) -> Plan:
-    """The plan of the whole model, from every rank's pieces; tied output layers on the last pipeline stage are
-    pieces of the word embeddings (megatron-core keys them so)."""
-    mine = {}
-    for _, name, _, sh in pieces:
-        mine[sh.key if name.startswith("output_layer.") and spec.tie_word_embeddings else name] = \
-            tuple(sh.global_shape[sh.prepend_axis_num:])
+    """The plan of the whole model, from every rank's pieces."""
+    mine = {name: tuple(sh.global_shape[sh.prepend_axis_num:]) for _, name, _, sh in pieces}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -77,10 +79,6 @@ def _global_plan(spec, pieces, hf_shapes=None) -> Plan:
             if shapes.setdefault(k, v) != v:
                 raise ConversionError(f"internal: ranks disagree on the shape of {k}")
     return build_plan(spec, shapes, hf_shapes)
-
-
-def _job(plan: Plan, name: str, sh) -> Job:
-    return plan.jobs[name] if name in plan.jobs else plan.jobs[sh.key]
 
 
 def _row_sources(job: Job, hf: HFCheckpoint) -> torch.Tensor:
@@ -119,7 +117,7 @@ def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> 
     filled: dict[int, int] = {}
     cached, rows = None, None
     for local, name, param, sh in pieces:
-        job = _job(plan, name, sh)
+        job = plan.jobs[name]
         offset = tuple(sh.global_offset[sh.prepend_axis_num:])
         if job.mcore != cached:  # the pieces of one tensor are adjacent
             # a transform that is not row-wise (a transpose) needs its whole sources: one expert's matrix
@@ -152,7 +150,7 @@ def _gathered(plan: Plan, pieces, dtype: torch.dtype):
     """Every global Megatron tensor in plan order, whole on rank 0 (None elsewhere); a collective per tensor."""
     by_name: dict[str, list] = {}
     for _, name, _, sh in pieces:
-        by_name.setdefault(_job(plan, name, sh).mcore, []).append(sh)
+        by_name.setdefault(name, []).append(sh)
     rank = dist.get_rank()
     for name, job in plan.jobs.items():
         mine = [(tuple(sh.global_offset[sh.prepend_axis_num:]), sh.data.detach().to("cpu", dtype))

@@ -81,14 +81,12 @@ class _ViewResolver:
     """Maps a meta view back to its parameter, makes the parameter once and frees it after its last view."""
 
     def __init__(self, model, make: Callable[[str], torch.Tensor], sharded_state_dict):
-        # Storage identity survives every view and detach megatron-core applies (meta storages are distinct).
-        self.names = {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items()
-                      if isinstance(t, torch.Tensor)}
         from megatron.core.dist_checkpointing.mapping import is_main_replica
 
+        self.names = _names_by_storage(model)
         self.make = make
         # only the views this rank writes (its main replicas), so a parameter is freed after its last one
-        self.pending = {n: c for n, v in views_by_param(model, sharded_state_dict).items()
+        self.pending = {n: c for n, v in views_by_param(self.names, sharded_state_dict).items()
                         if (c := sum(is_main_replica(sh.replica_id) for sh in v))}
         self.mine = list(self.pending)
         self.cache: dict[str, torch.Tensor] = {}
@@ -116,8 +114,14 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def views_by_param(model, sharded_state_dict) -> dict[str, list]:
-    """megatron-core's ShardedTensors grouped by the model tensor (state-dict name) whose storage they view.
+def _names_by_storage(model) -> dict[int, str]:
+    """State-dict name of each model tensor by its storage: storage identity survives every view and detach
+    megatron-core applies (meta storages are distinct)."""
+    return {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+
+
+def views_by_param(names: dict[int, str], sharded_state_dict) -> dict[str, list]:
+    """megatron-core's ShardedTensors grouped by the model tensor (`names`: _names_by_storage) they view.
 
     Each says where its piece lives in the checkpoint (key, global offset, prepended layer/expert axes); a
     parameter has several when megatron-core splits it (e.g. the gate and up halves of linear_fc1).
@@ -125,12 +129,10 @@ def views_by_param(model, sharded_state_dict) -> dict[str, list]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    by_storage = {_storage_key(t): n for n, t in model.state_dict(keep_vars=True).items()
-                  if isinstance(t, torch.Tensor)}
     out: dict[str, list] = {}
     for sh in nested_values(sharded_state_dict):
         if isinstance(sh, ShardedTensor) and sh.data is not None:
-            name = by_storage.get(_storage_key(sh.data))
+            name = names.get(_storage_key(sh.data))
             if name is None:
                 raise ConversionError(f"internal: checkpoint entry {sh.key} is not a view of a model tensor")
             out.setdefault(name, []).append(sh)
@@ -142,7 +144,7 @@ def sharded_views(model) -> dict[str, list]:
 
     sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
     apply_factories(sharded)
-    return views_by_param(model, sharded)
+    return views_by_param(_names_by_storage(model), sharded)
 
 
 def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict) -> list[str]:

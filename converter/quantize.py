@@ -206,30 +206,29 @@ def quantize(model, fmt: str, calib: Callable | list[torch.Tensor], *, quantize_
 
 # ---- the command: source -> quantized checkpoint (+ HF deployment export) + report ---------------------------
 def _source(src: Path, like: Path | None, device: str, family: str | None):
-    """(spec, model, tokenizer directory, HF config directory) for an HF directory or a Megatron checkpoint."""
-    from .derive import derive, read_config
+    """(spec, model, HF directory for the tokenizer and config) for an HF directory or a Megatron checkpoint."""
+    from .derive import derive
+    from .export import source_config
     from .live import megatron_model
     from .mcore_io import find_checkpoint, load_into
     from .runtime import ensure_distributed
 
     if (src / "config.json").is_file():
         spec = derive(src, family=family)
-        return spec, megatron_model(src, device=device, dtype="bf16", family=family), like or src, like or src
+        return spec, megatron_model(src, device=device, dtype="bf16", family=family), like or src
     ckpt = find_checkpoint(src)
     if (ckpt / "modelopt_state").is_dir():
         raise ConversionError(f"{src} is already quantized (it has modelopt_state/); start from the unquantized model")
-    root = ckpt.parent
-    manifest = root / "hf2mcore.json"
+    manifest = ckpt.parent / "hf2mcore.json"
     hf_src = Path(json.loads(manifest.read_text())["source"]) if manifest.is_file() else None
     hf_dir = like or (hf_src if hf_src is not None and hf_src.is_dir() else None)
     if hf_dir is None:
         raise ConversionError(f"{src}: pass --like HF_DIR (the tokenizer and config.json of the model)")
-    recorded = root / "hf_config.json"
-    spec = derive(read_config(like if like else recorded if recorded.is_file() else hf_dir), family=family)
+    spec = derive(source_config(ckpt.parent, ckpt, like), family=family)
     ensure_distributed()
     model = spec.build_model(device=device, dtype=torch.bfloat16)
     load_into(model, ckpt)
-    return spec, model, hf_dir, hf_dir
+    return spec, model, hf_dir
 
 
 def _require_cuda(device: str) -> None:
@@ -264,9 +263,9 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     calib_texts = read_texts(calib_data) if calib_data else builtin_texts("calib")
     eval_texts = read_texts(eval_data) if eval_data else builtin_texts("eval")
 
-    spec, model, tok_dir, hf_dir = _source(src, like, device, family)
+    spec, model, hf_dir = _source(src, like, device, family)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
     calib = token_batches(tok, calib_texts, calib_size, calib_seq_len, calib_batch_size)
     evalb = token_batches(tok, eval_texts, eval_size, calib_seq_len, calib_batch_size)
     base, ref = evaluate(model, evalb, spec.vocab_size)

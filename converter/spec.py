@@ -12,7 +12,8 @@ import torch
 
 from .errors import ConversionError
 
-ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+# Megatron-core's llama3 rope scaling hard-codes these (rotary_pos_embedding._apply_scaling defaults).
+MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,11 @@ class ModelSpec:
         if self.window:
             a["window_size"] = f"{self.window - 1},0"
             if self.window_layers:
-                a["window_attn_skip_freq"] = "[" + ",".join(map(str, self.window_layers)) + "]"
+                a["window_attn_skip_freq"] = _pattern(self.window_layers)
         if self.attention_sinks:
             a["softmax_type"] = "learnable"
         if self.nope_layers:
-            a["no_rope_freq"] = "[" + ",".join(map(str, self.nope_layers)) + "]"
+            a["no_rope_freq"] = _pattern(self.nope_layers)
         if self.qk_l2_norm:
             a["qk_l2_norm"] = True
         if not self.add_bias_linear:
@@ -155,7 +156,7 @@ class ModelSpec:
             e = self.moe
             a.update(num_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk)
             if any(p == 0 for p in e.layer_pattern):
-                a["moe_layer_freq"] = "[" + ",".join(map(str, e.layer_pattern)) + "]"
+                a["moe_layer_freq"] = _pattern(e.layer_pattern)
             if e.shared_expert_size:
                 a["moe_shared_expert_intermediate_size"] = e.shared_expert_size
             if e.shared_expert_gate:
@@ -295,33 +296,11 @@ class ModelSpec:
             post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
         layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
                                                 vp_stage=vp_stage)
-        if self.mla is not None:  # the local DotProductAttention cannot take MLA's separate k/v head sizes
-            from megatron.core.transformer.identity_op import IdentityOp
-
-            from .mla_attention import LocalMLACoreAttention, LocalMLASelfAttention
-
-            layer_spec = copy.deepcopy(layer_spec)
-            for layer in layer_spec.layer_specs:
-                layer.submodules.self_attention.module = LocalMLASelfAttention
-                attn = layer.submodules.self_attention.submodules
-                attn.core_attention = LocalMLACoreAttention
-                if self.mla.q_lora_rank is None:  # no compressed q, so nothing to normalise (DeepSeek-V2-Lite)
-                    attn.q_layernorm = IdentityOp
-        if self.qk_l2_norm:  # the block spec leaves q/k norms out; HF has them only on the layers that rotate
-            from megatron.core.transformer.identity_op import IdentityOp
-            from megatron.core.transformer.torch_norm import L2Norm
-            from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-            layer_spec = copy.deepcopy(layer_spec)  # its layers are one shared spec object: give each its own
-            layer_spec.layer_specs = [copy.deepcopy(layer) for layer in layer_spec.layer_specs]
-            offset = get_transformer_layer_offset(config, vp_stage=vp_stage)  # this stage's first global layer
-            for i, layer in enumerate(layer_spec.layer_specs):
-                nope = bool(self.nope_layers and self.nope_layers[offset + i])
-                attn = layer.submodules.self_attention.submodules
-                attn.q_layernorm = attn.k_layernorm = IdentityOp if nope else L2Norm
+        if self.mla is not None or self.qk_l2_norm:
+            layer_spec = self._local_layer_specs(layer_spec, config, vp_stage)
         r = self.rope
         custom_llama3 = r.kind == "llama3" and (r.low_freq_factor, r.high_freq_factor,
-                                                r.original_max_position_embeddings) != (1.0, 4.0, 8192)
+                                                r.original_max_position_embeddings) != tuple(MCORE_LLAMA3.values())
         kwargs = dict(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
                       rotary_base=r.theta, rotary_percent=r.percent,
                       rope_scaling=r.kind == "llama3" and not custom_llama3,
@@ -343,6 +322,32 @@ class ModelSpec:
             model = model.to(device)
         return model
 
+    def _local_layer_specs(self, block_spec, config, vp_stage):
+        """Per-layer edits megatron-core's local block spec needs (it shares one spec object among its layers,
+        so each layer gets its own copy): MLA's core attention, which the local DotProductAttention cannot be
+        (separate k/v head sizes), without a q norm when q is not compressed (DeepSeek-V2-Lite); and Llama 4's
+        weightless q/k norms, which HF applies only on the layers that rotate."""
+        from megatron.core.transformer.identity_op import IdentityOp
+        from megatron.core.transformer.torch_norm import L2Norm
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        from .mla_attention import LocalMLACoreAttention, LocalMLASelfAttention
+
+        block_spec = copy.copy(block_spec)
+        block_spec.layer_specs = [copy.deepcopy(layer) for layer in block_spec.layer_specs]
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)  # this stage's first global layer
+        for i, layer in enumerate(block_spec.layer_specs):
+            attn = layer.submodules.self_attention.submodules
+            if self.mla is not None:
+                layer.submodules.self_attention.module = LocalMLASelfAttention
+                attn.core_attention = LocalMLACoreAttention
+                if self.mla.q_lora_rank is None:
+                    attn.q_layernorm = IdentityOp
+            if self.qk_l2_norm:
+                nope = bool(self.nope_layers and self.nope_layers[offset + i])
+                attn.q_layernorm = attn.k_layernorm = IdentityOp if nope else L2Norm
+        return block_spec
+
     def replace(self, **kw) -> "ModelSpec":
         return dataclasses.replace(self, **kw)
 
@@ -351,3 +356,7 @@ def _num(x: float):
     """Print 500000.0 as 500000 in argument files, keep real fractions."""
     return int(x) if float(x).is_integer() else x
 
+
+def _pattern(layers) -> str:
+    """A per-layer 0/1 list as Megatron-LM parses it, e.g. [1,0,1,0]."""
+    return "[" + ",".join(map(str, layers)) + "]"

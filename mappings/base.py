@@ -56,10 +56,10 @@ def rule(mcore: str, *hf: str, transform: Transform = COPY) -> Rule:
 L = "decoder.layers.{i}."
 
 
-def embeddings(hf_prefix: str = "model.") -> list[Rule]:
+def embeddings(hf_prefix: str = "model.", lm_head: str = "lm_head.weight") -> list[Rule]:
     return [
         rule("embedding.word_embeddings.weight", hf_prefix + "embed_tokens.weight", transform=VOCAB),
-        rule("output_layer.weight", "lm_head.weight", transform=VOCAB),
+        rule("output_layer.weight", lm_head, transform=VOCAB),
         rule("decoder.final_layernorm.weight", hf_prefix + "norm.weight"),
     ]
 

@@ -14,13 +14,12 @@ IMPLIED = {"qk_norm_is_l2": True, "rope_interleaved": True, "scoring_func": "sig
 
 def family(name: str, architecture: str, root: str) -> Family:
     m, ff, x = root + "model.", root + "model.layers.{i}.feed_forward.", L + "mlp.experts.local_experts.{e}."
-    lm_head = rule("output_layer.weight", root + "lm_head.weight")
     return Family(
         name=name, architectures={architecture: IMPLIED},
         packed=(re.escape(root) + r"model\.layers\.\d+\.feed_forward\.experts\.(gate_up|down)_proj",),
-        ignore=(r".*rotary_emb\.inv_freq", r"vision_model\..*", r"multi_modal_projector\..*"),
+        ignore=(*Family.ignore, r"vision_model\..*", r"multi_modal_projector\..*"),
         rules=(
-            *[lm_head if r.mcore == "output_layer.weight" else r for r in embeddings(m)],
+            *embeddings(m, lm_head=root + "lm_head.weight"),
             *gqa_attention(m + "layers.{i}.self_attn.", m + "layers.{i}.input_layernorm."),
             *pre_mlp_norm(m + "layers.{i}.post_attention_layernorm.weight"),
             rule(L + "mlp.router.weight", ff + "router.weight"),
