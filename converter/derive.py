@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mappings import BY_ARCHITECTURE, FAMILIES, Family, supported
+# the module, not its names: mappings imports converter.transforms, so either package may load first
+import mappings
 
 from .errors import ConversionError
 from .spec import MCORE_LLAMA3, MLASpec, MoESpec, ModelSpec, RopeSpec
@@ -62,18 +63,18 @@ def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
     return _Deriver(cfg, arch or fam.name, fam).spec().replace(hf_config=raw)
 
 
-def _family(arch: str | None, name: str | None) -> Family:
+def _family(arch: str | None, name: str | None) -> mappings.base.Family:
     if name is not None:
-        if name not in FAMILIES:
-            raise ConversionError(f"unknown family {name!r}; known families: {', '.join(supported())}")
-        return FAMILIES[name]
+        if name not in mappings.FAMILIES:
+            raise ConversionError(f"unknown family {name!r}; known families: {', '.join(mappings.supported())}")
+        return mappings.FAMILIES[name]
     if arch is None:
         raise ConversionError("config.json has no 'architectures' field; pass --family NAME "
-                              f"(one of: {', '.join(supported())})")
-    if arch not in BY_ARCHITECTURE:
-        raise ConversionError(f"unknown architecture {arch!r}; known families: {', '.join(supported())} "
+                              f"(one of: {', '.join(mappings.supported())})")
+    if arch not in mappings.BY_ARCHITECTURE:
+        raise ConversionError(f"unknown architecture {arch!r}; known families: {', '.join(mappings.supported())} "
                               "(use --family NAME if the model follows one of their layouts and tensor names)")
-    return BY_ARCHITECTURE[arch]
+    return mappings.BY_ARCHITECTURE[arch]
 
 
 def _hf_defaults(model_type: str | None) -> dict:
@@ -90,7 +91,7 @@ def _hf_defaults(model_type: str | None) -> dict:
 
 
 class _Deriver:
-    def __init__(self, cfg: dict, arch: str, fam: Family):
+    def __init__(self, cfg: dict, arch: str, fam: mappings.base.Family):
         self.cfg, self.arch, self.fam = cfg, arch, fam
         self.implied = fam.architectures.get(arch, {})
         self.warnings: list[str] = []

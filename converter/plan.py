@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mappings import FAMILIES, Rule
+# the module, not its names: mappings imports converter.transforms, so either package may load first
+import mappings
 
 from .errors import ConversionError
 from .spec import ModelSpec
@@ -22,7 +23,7 @@ from .transforms import Ctx
 class Job:
     mcore: str
     sources: tuple[str, ...]
-    rule: Rule
+    rule: mappings.base.Rule
     ctx: Ctx
 
     def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -51,7 +52,7 @@ def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
                hf_shapes: dict[str, tuple[int, ...]] | None = None) -> Plan:
     """`shapes`: Megatron names at TP=1 (global layer numbers); `hf_shapes`: the source checkpoint's tensors
     (None when exporting without one: then the HF side is whatever the rules name)."""
-    family = FAMILIES[spec.family]
+    family = mappings.FAMILIES[spec.family]
     jobs: dict[str, Job] = {}
     unmapped = []
     for name, shape in shapes.items():

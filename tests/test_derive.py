@@ -210,3 +210,10 @@ def test_inspect_json_and_args():
     r = _cli("inspect", CONFIGS / "Qwen/Qwen3-0.6B", "--format", "args", "--tp", "2")
     assert "--qk-layernorm" in r.stdout and "--num-query-groups 8" in r.stdout
     assert "--tensor-model-parallel-size 2" in r.stdout
+
+
+def test_mappings_import_on_their_own():
+    """mappings imports converter.transforms and converter imports mappings: either may be imported first."""
+    r = subprocess.run([sys.executable, "-c", "import mappings; print(sorted(mappings.supported()))"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "gpt_oss" in r.stdout, r.stderr[-1500:]
