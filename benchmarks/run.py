@@ -1,5 +1,6 @@
 """Wall time, CPU time and peak RSS of the I/O floor (read every input byte, write as many, synced) and of
-`hf2mcore convert`, each in a fresh process, median of --repeat runs. Prints a markdown table row per tool."""
+`hf2mcore convert` (1 and 2 processes) and ModelOpt's importer, each in a fresh process, median of --repeat runs
+taken round robin. Prints a markdown table row per tool; the first tool (the floor) must be among those run."""
 import argparse
 import resource
 import shutil
@@ -37,6 +38,7 @@ def main():
     p.add_argument("hf_dir")
     p.add_argument("--work", default="/tmp/hf2mcore-bench")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--tools", nargs="*", help="run only the tools whose names contain one of these words")
     a = p.parse_args()
     work = Path(a.work)
     tools = {
@@ -49,24 +51,29 @@ def main():
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
     }
+    if a.tools:
+        tools = {k: v for k, v in tools.items() if any(t.lower() in k.lower() for t in a.tools)}
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
     print(f"input: {a.hf_dir} ({size:.2f} GiB)")
-    print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor |")
-    print("|---|---|---|---|---|")
-    floor = None
-    for name, cmd in tools.items():
-        runs = []
-        for _ in range(a.repeat):
+    runs = {name: [] for name in tools}
+    # round robin, so every tool sees the same phases of this machine's noisy disk
+    for _ in range(a.repeat):
+        for name, cmd in tools.items():
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
             r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True, check=True)
-            runs.append(tuple(map(float, r.stdout.split())))
-        wall = statistics.median(r[0] for r in runs)
-        cpu = statistics.median(r[1] for r in runs)
-        rss = max(r[2] for r in runs)
+            runs[name].append(tuple(map(float, r.stdout.split())))
+    print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor | runs (wall s) |")
+    print("|---|---|---|---|---|---|")
+    floor = None
+    for name, rs in runs.items():
+        wall = statistics.median(r[0] for r in rs)
+        cpu = statistics.median(r[1] for r in rs)
+        rss = max(r[2] for r in rs)
         floor = floor or wall
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {wall / floor:.2f}x |")
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {wall / floor:.2f}x | "
+              + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -16,7 +16,8 @@ from .errors import ConversionError
 def _quiet() -> None:
     # megatron-core logs a GPTModel deprecation notice and CPU fallbacks on every build; not the user's concern.
     warnings.filterwarnings("ignore")
-    for name in ("megatron", "megatron.core", "torch.distributed", "transformers"):
+    # (and torch's "No CUDA runtime is found" on CPU machines)
+    for name in ("megatron", "megatron.core", "torch.distributed", "torch.utils.cpp_extension", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
 
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet()
+    from .runtime import import_megatron_eager
+
+    import_megatron_eager()
     try:
         return a.fn(a)
     except ConversionError as exc:

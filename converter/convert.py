@@ -116,9 +116,7 @@ def write_args(root: Path, spec, tp, pp, ep, etp, dt) -> None:
 
 
 def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par, workers) -> None:
-    import megatron.core
-    import safetensors
-    import transformers
+    from importlib.metadata import version
 
     cfg = (hf_dir / "config.json").read_bytes()
     manifest = {
@@ -130,8 +128,7 @@ def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, 
         "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored)},
         "warnings": list(spec.warnings), "seconds": round(seconds, 2), "processes": workers,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "megatron-core": megatron.core.__version__, "transformers": transformers.__version__,
-                     "safetensors": safetensors.__version__},
+                     **{pkg: version(pkg) for pkg in ("megatron-core", "transformers", "safetensors")}},
     }
     root.joinpath("hf2mcore.json").write_text(json.dumps(manifest, indent=2))
     root.joinpath("hf_config.json").write_bytes(cfg)

@@ -4,6 +4,7 @@ refuses, by field name, what megatron-core cannot express."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,38 @@ def _family(arch: str | None, name: str | None) -> mappings.base.Family:
 
 
 def _hf_defaults(model_type: str | None) -> dict:
-    """transformers' defaults for fields a config.json may omit (e.g. tie_word_embeddings, rms_norm_eps)."""
+    """transformers' defaults for fields a config.json may omit (e.g. tie_word_embeddings, rms_norm_eps).
+
+    Cached per transformers version in the user cache: importing transformers' config classes takes about
+    1.5 s, most of a small conversion's start-up.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .default_model import cache_dir
+
+    try:
+        path = cache_dir() / f"hf_defaults-transformers-{version('transformers')}.json"
+    except PackageNotFoundError:
+        return {}
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or unreadable: rebuilt below
+        table = None
+    table = table if isinstance(table, dict) else {}
+    key = str(model_type)
+    if not isinstance(table.get(key), dict):
+        table[key] = _defaults_from_transformers(model_type)
+        try:  # a cache only: a read-only home still converts
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return table[key]
+
+
+def _defaults_from_transformers(model_type: str | None) -> dict:
     try:
         from transformers import CONFIG_MAPPING
 

@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 from unittest import mock
 
 import torch
 import torch.distributed as dist
+
+
+def import_megatron_eager() -> None:
+    """Import megatron-core with its fused elementwise kernels left as plain functions.
+
+    megatron-core decorates them with torch.compile at import (megatron.core.jit binds `jit_fuser` then), and
+    torch.compile loads dynamo and inductor: about 1.5 s of every CLI run, for kernels that converting and exporting
+    never call and that a CPU forward runs eagerly anyway. Only the CLI calls this, before anything imports
+    megatron-core, so a library user's process keeps megatron's fusions.
+    """
+    if "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
+    try:
+        importlib.import_module("megatron.core.jit")  # with megatron.core, which binds jit_fuser
+    finally:
+        torch.compile = compile_
 
 
 def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> None:

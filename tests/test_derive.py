@@ -1,6 +1,7 @@
 """derive(): Megatron settings from config.json, checked against transformers and against the hand-written confs."""
 import glob
 import json
+import os
 import subprocess
 import sys
 
@@ -217,3 +218,28 @@ def test_mappings_import_on_their_own():
     r = subprocess.run([sys.executable, "-c", "import mappings; print(sorted(mappings.supported()))"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "gpt_oss" in r.stdout, r.stderr[-1500:]
+
+
+def test_transformers_defaults_are_cached_per_version(tmp_path, monkeypatch):
+    from converter.derive import _defaults_from_transformers
+
+    monkeypatch.setenv("HF2MCORE_CACHE", str(tmp_path))
+    cfg = real_config("Qwen/Qwen3-30B-A3B")
+    spec = derive(cfg)
+    (cache,) = tmp_path.glob("hf_defaults-transformers-*.json")
+    assert json.loads(cache.read_text())[cfg["model_type"]] == _defaults_from_transformers(cfg["model_type"])
+    assert derive(cfg) == spec  # from the cache
+    cache.write_text("{not json")
+    assert derive(cfg) == spec  # an unreadable cache is rebuilt
+    assert cfg["model_type"] in json.loads(cache.read_text())
+
+
+def test_derive_with_a_warm_cache_does_not_import_transformers(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(real_config("meta-llama/Llama-3.1-8B")))
+    code = ("import sys; from converter import derive; derive(sys.argv[1]); "
+            "print('transformers' in sys.modules)")
+    env = {**os.environ, "HF2MCORE_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                           env=env, check=True).stdout.split()[-1] for _ in range(2)]
+    assert runs == ["True", "False"]

@@ -1,0 +1,61 @@
+"""The streaming writer: parameters made one ahead in a background thread, views written without copies, and a
+CLI start-up that loads neither torch's compiler nor transformers."""
+import subprocess
+import sys
+import threading
+
+import torch
+
+from converter import mcore_io
+from converter.convert import convert
+from converter.verify import verify
+
+
+def test_next_parameter_is_made_while_the_writer_writes(tiny_models, tmp_path, monkeypatch):
+    hf = tiny_models("Qwen/Qwen3-30B-A3B")  # MoE: many small parameters, fc1 split into gate and up views
+    made, running, most = [], [0], [0]
+    lock = threading.Lock()
+    make = mcore_io._ViewResolver._make
+
+    def tracked(self, name):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            made.append(threading.current_thread().name)
+            return make(self, name)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(mcore_io._ViewResolver, "_make", tracked)
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
+    assert most[0] == 1  # never two makes at once
+    ahead = sum(n.startswith("hf2mcore-make") for n in made)
+    assert ahead >= len(made) - 1, made  # all but the first were made ahead, in the writer's order
+    assert torch.serialization.get_crc32_options()  # the writer's setting is put back
+    assert verify(hf, out)["ok"]
+
+
+def test_a_contiguous_view_gets_its_own_storage_without_a_copy():
+    real = torch.arange(24, dtype=torch.bfloat16).reshape(6, 4)
+    for view in (real.new_empty(0, device="meta").as_strided((3, 4), (4, 1), 12),  # the up half of fc1
+                 real.new_empty(0, device="meta").as_strided((6, 4), (4, 1), 0)):  # the whole tensor
+        piece = mcore_io._own_storage(real, view)
+        want = real.as_strided(view.size(), view.stride(), view.storage_offset())
+        assert torch.equal(piece, want)
+        assert piece.untyped_storage().nbytes() == piece.nbytes  # so DCP writes it as it is
+        assert piece.data_ptr() == want.data_ptr()  # shared, not copied
+    column = real.new_empty(0, device="meta").as_strided((6, 2), (4, 1), 2)  # not contiguous: copied
+    piece = mcore_io._own_storage(real, column)
+    assert torch.equal(piece, real[:, 2:]) and piece.untyped_storage().nbytes() == piece.nbytes
+
+
+def test_cli_convert_loads_neither_torch_compiler_nor_transformers(tiny_models, tmp_path):
+    hf = tiny_models("meta-llama/Llama-3.2-1B")
+    code = ("import sys; from converter.cli import main; "
+            "rc = main(['convert', sys.argv[1], sys.argv[2], '--overwrite', '--no-progress']); "
+            "print(rc, *[m for m in ('torch._dynamo', 'torch._inductor', 'transformers') if m in sys.modules])")
+    runs = [subprocess.run([sys.executable, "-c", code, str(hf), str(tmp_path / "mc")], capture_output=True,
+                           text=True, check=True).stdout.split("\n")[-2] for _ in range(2)]
+    assert runs[1] == "0", runs  # the first run may fill the transformers-defaults cache
