@@ -16,8 +16,8 @@ def import_megatron_eager() -> None:
 
     megatron-core decorates them with torch.compile at import (megatron.core.jit binds `jit_fuser` then), and
     torch.compile loads dynamo and inductor: about 1.5 s of every CLI run, for kernels that converting and exporting
-    never call and that a CPU forward runs eagerly anyway. Only the CLI calls this, before anything imports
-    megatron-core, so a library user's process keeps megatron's fusions.
+    never call (verify and quantize run them unfused: the same functions, without kernel fusion). Only the CLI
+    calls this, before anything imports megatron-core, so a library user's process keeps megatron's fusions.
     """
     if "megatron.core" in sys.modules:
         return
