@@ -97,10 +97,10 @@ def _strategy_class():
 class _ViewResolver:
     """Maps a meta view back to its parameter, makes the parameter once and frees it after its last view.
 
-    Once it knows the writer's order (`expect`), it makes the next parameter in a background thread while the
-    writer writes the current one: reading and transforming overlap writing, for one more parameter in memory.
-    A view that covers part of its parameter (e.g. the gate half of linear_fc1) is copied out there too, since
-    the writer would copy it otherwise. `make` never runs in two threads at once.
+    It makes the next parameter in the writer's order (`expect`) in a background thread while the writer writes
+    the current one: reading and transforming overlap writing, for one more parameter in memory. The first one is
+    started while DCP plans. A view that covers part of its parameter (e.g. the gate half of linear_fc1) gets a
+    storage of its own there (`_own_storage`). `make` never runs in two threads at once.
     """
 
     def __init__(self, model, make: Callable[[str], torch.Tensor], sharded_state_dict):
@@ -117,6 +117,8 @@ class _ViewResolver:
         self.next_of: dict[str, str] = {}
         self.ahead: tuple[str, Future] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf2mcore-make")
+        if self.mine:  # DCP's plan keeps the state dict's order (if not, _take keeps this one for later)
+            self.ahead = (self.mine[0], self.pool.submit(self._make, self.mine[0]))
 
     def expect(self, views: list[torch.Tensor]) -> None:
         order = list(dict.fromkeys(self.name_of(v) for v in views))
