@@ -19,6 +19,7 @@ from .hf_io import HFCheckpoint
 from .mcore_io import TRACKER, megatron_lm_common, release_dir, save_streaming
 from .plan import build_plan, mcore_shapes
 from .progress import Progress
+from .rows import read_rows, readable_by_rows, row_sources
 from .runtime import ensure_distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -61,8 +62,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         job = plan.jobs[name]
         if name in done:
             raise ConversionError(f"internal: {name} was requested twice")
-        srcs = [hf.get(s).to(dt) for s in job.sources]
-        out = job.to_mcore(srcs)
+        if readable_by_rows(job, hf):  # read straight into place
+            out = torch.empty(job.ctx.shape, dtype=dt)
+            read_rows(hf, job, row_sources(job, hf), 0, out)
+        else:
+            out = job.to_mcore([hf.get(s).to(dt) for s in job.sources])
         if tuple(out.shape) != job.ctx.shape:
             raise ConversionError(f"{name}: made shape {tuple(out.shape)}, the model needs {job.ctx.shape}")
         done.add(name)

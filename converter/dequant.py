@@ -71,6 +71,9 @@ class FP8BlockCheckpoint(HFCheckpoint):
     def _fp8(self, name: str) -> bool:
         return super().dtype(name) in FP8
 
+    def _stored_as_is(self, name: str) -> bool:
+        return not self._fp8(name)
+
     def get(self, name: str) -> torch.Tensor:
         if not self._fp8(name):
             return super().get(name)
@@ -130,6 +133,9 @@ class MXFP4Checkpoint(HFCheckpoint):
 
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32 if name in self.quantized else super().dtype(name)
+
+    def _stored_as_is(self, name: str) -> bool:
+        return name not in self.quantized
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.quantized:

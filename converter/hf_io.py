@@ -87,10 +87,14 @@ class HFCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._info(name)[0]
 
-    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored rows [start, stop) of `name`, into `out` (contiguous, on the CPU, of the stored dtype) if given."""
         dtype, shape, offset = self._info(name)
         row = dtype.itemsize * math.prod(shape[1:])
-        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        if out is None:
+            out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        elif tuple(out.shape) != (stop - start, *shape[1:]) or out.dtype != dtype:
+            raise ConversionError(f"internal: rows {start}:{stop} of {name} do not fit {tuple(out.shape)} {out.dtype}")
         buf = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
         pos, fd = offset + start * row, self._fds[self.file_of[name]]
         while buf:
@@ -99,6 +103,19 @@ class HFCheckpoint:
                 raise ConversionError(f"cannot read tensor {name} from {self.file_of[name]}: file is truncated")
             buf, pos = buf[n:], pos + n
         return out
+
+    def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Rows start.. of tensor `name`, as many as `out` has, into `out`: straight from the file when `out` takes
+        the stored bytes as they are (no intermediate tensor), else read and converted."""
+        if (self._stored_as_is(name) and out.device.type == "cpu" and out.is_contiguous()
+                and out.dtype == self._info(name)[0]):
+            self._read_rows(name, start, start + out.shape[0], out)
+        else:
+            out.copy_(self.get_slice(name, (slice(start, start + out.shape[0]),)))
+
+    def _stored_as_is(self, name: str) -> bool:
+        """Whether `name` is read as stored; readers that dequantize say which tensors they rebuild."""
+        return True
 
     def get(self, name: str) -> torch.Tensor:
         shape = self.shape(name)

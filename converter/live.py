@@ -18,13 +18,12 @@ from .convert import parse_dtype
 from .dequant import open_source
 from .derive import derive, read_config
 from .errors import ConversionError
-from .hf_io import HFCheckpoint, write_sharded
+from .hf_io import write_sharded
 from .mcore_io import sharded_views
 from .packed import repack
-from .plan import Job, Plan, build_plan
+from .plan import Plan, build_plan
+from .rows import read_rows, readable_by_rows, row_sources
 from .runtime import ensure_distributed
-
-_SOURCE_BITS = 40  # row numbers are encoded as source_index << 40 | (row + 1); 0 marks a padding row
 
 
 def _chunks(model) -> list:
@@ -81,28 +80,6 @@ def _global_plan(spec, pieces, hf_shapes=None) -> Plan:
     return build_plan(spec, shapes, hf_shapes)
 
 
-def _row_sources(job: Job, hf: HFCheckpoint) -> torch.Tensor:
-    rows = [torch.arange(hf.shape(s)[0]) + 1 + (k << _SOURCE_BITS) for k, s in enumerate(job.sources)]
-    return job.to_mcore(rows)
-
-
-def _read_region(hf: HFCheckpoint, job: Job, rows: torch.Tensor, offset, size) -> torch.Tensor:
-    """Rows/columns [offset, offset + size) of the Megatron tensor, reading only those bytes of the HF tensors."""
-    want = rows[offset[0]: offset[0] + size[0]]
-    src, row = want >> _SOURCE_BITS, (want & ((1 << _SOURCE_BITS) - 1)) - 1
-    cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], size[1:]))
-    breaks = ((src[1:] != src[:-1]) | (row[1:] != row[:-1] + 1)).nonzero().flatten() + 1
-    bounds = [0, *breaks.tolist(), len(want)]
-    parts = []
-    for a, b in zip(bounds, bounds[1:]):
-        if row[a] < 0:  # vocabulary padding
-            parts.append(torch.zeros((b - a, *size[1:]), dtype=hf.dtype(job.sources[0])))
-        else:
-            r = int(row[a])
-            parts.append(hf.get_slice(job.sources[int(src[a])], (slice(r, r + b - a), *cols)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 @torch.no_grad()
 def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> None:
     """Fill `model` (a GPTModel, or a list of virtual-pipeline chunks) on this rank from HF safetensors.
@@ -118,17 +95,20 @@ def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> 
     cached, rows = None, None
     for local, name, param, sh in pieces:
         job = plan.jobs[name]
-        offset = tuple(sh.global_offset[sh.prepend_axis_num:])
+        offset, size = tuple(sh.global_offset[sh.prepend_axis_num:]), tuple(sh.data.shape)
+        by_rows = readable_by_rows(job, hf)
         if job.mcore != cached:  # the pieces of one tensor are adjacent
             # a transform that is not row-wise (a transpose) needs its whole sources: one expert's matrix
-            cached, rows = job.mcore, (_row_sources(job, hf) if job.rule.transform.rowwise
+            cached, rows = job.mcore, (row_sources(job, hf) if by_rows
                                        else job.to_mcore([hf.get(s) for s in job.sources]))
-        if job.rule.transform.rowwise:
-            region = _read_region(hf, job, rows, offset, tuple(sh.data.shape))
+        piece = param.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset())
+        if by_rows:  # only this piece's rows and columns are read, into the parameter itself where it can be
+            whole_rows = all(o == 0 for o in offset[1:]) and size[1:] == job.ctx.shape[1:]
+            read_rows(hf, job, rows, offset[0], piece,
+                      () if whole_rows else tuple(slice(o, o + n) for o, n in zip(offset[1:], size[1:])))
         else:
-            region = rows[tuple(slice(o, o + n) for o, n in zip(offset, sh.data.shape))]
-        param.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset()).copy_(region)
-        filled[id(param)] = filled.get(id(param), 0) + region.numel()
+            piece.copy_(rows[tuple(slice(o, o + n) for o, n in zip(offset, size))])
+        filled[id(param)] = filled.get(id(param), 0) + piece.numel()
     short = sorted({local for local, _, p, _ in pieces if filled[id(p)] != p.numel()})
     if short:
         raise ConversionError(f"parameters not completely filled from {hf_dir}: {short[:5]}")

@@ -45,6 +45,13 @@ class PackedExperts:
         base, e = self._split(name)
         return self.hf.get(base) if e is None else self.hf.get_slice(base, (slice(e, e + 1),))[0]
 
+    def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        base, e = self._split(name)
+        if e is None:
+            self.hf.read_rows_into(base, start, out)
+        else:
+            out.copy_(self.get_slice(name, (slice(start, start + out.shape[0]),)))
+
     def get_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         base, e = self._split(name)
         return self.hf.get_slice(base, index) if e is None else self.hf.get_slice(base, (slice(e, e + 1), *index))[0]

@@ -58,3 +58,19 @@ def test_cli_convert_loads_neither_torch_compiler_nor_transformers(tiny_models, 
     runs = [subprocess.run([sys.executable, "-c", code, str(hf), str(tmp_path / "mc")], capture_output=True,
                            text=True, check=True).stdout.split("\n")[-2] for _ in range(2)]
     assert runs[1] == "0", runs  # the first run may fill the transformers-defaults cache
+
+
+def test_rows_are_read_into_place_or_converted(tmp_path):
+    from safetensors.torch import save_file
+
+    from converter.hf_io import HFCheckpoint
+
+    w = torch.randn(6, 4).to(torch.bfloat16)
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    hf = HFCheckpoint(tmp_path)
+    out = torch.zeros(8, 4, dtype=torch.bfloat16)
+    hf.read_rows_into("w", 2, out[3:7])  # a slice of a larger tensor, same dtype: read into its memory
+    assert torch.equal(out[3:7], w[2:6]) and not out[:3].any() and not out[7:].any()
+    wide = torch.zeros(4, 4, dtype=torch.float32)  # another dtype: read, then converted
+    hf.read_rows_into("w", 1, wide)
+    assert torch.equal(wide, w[1:5].float())
