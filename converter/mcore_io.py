@@ -84,9 +84,13 @@ def _strategy_class():
             # about 0.25 s per GiB. The files stay loadable by every torch (a documented torch.save option).
             crc = torch.serialization.get_crc32_options()
             torch.serialization.set_crc32_options(False)
+            # Streaming: the serial loader, which asks for the items in plan order (the resolver's `expect`).
+            # Where CUDA is available DCP would otherwise take its overlapping loader, which sorts them by size.
+            ahead = {"per_thread_copy_ahead": 0} if self._resolve is not None else {}
             try:
                 dcp_save(pyt_sd, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1,
-                                                                 single_file_per_rank=True, sync_files=True),
+                                                                 single_file_per_rank=True, sync_files=True,
+                                                                 **ahead),
                          planner=planner)
             finally:
                 torch.serialization.set_crc32_options(crc)
@@ -114,6 +118,7 @@ class _ViewResolver:
         self.pending = {n: len(v) for n, v in self.views.items()}
         self.mine = list(self.views)
         self.cache: dict[str, dict[tuple, torch.Tensor]] = {}
+        self.written: set[str] = set()
         self.next_of: dict[str, str] = {}
         self.ahead: tuple[str, Future] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf2mcore-make")
@@ -136,7 +141,9 @@ class _ViewResolver:
         if pieces is None:
             pieces = self.cache[name] = self._take(name)
             nxt = self.next_of.get(name)
-            if nxt is not None and nxt not in self.cache:
+            while nxt is not None and (nxt in self.cache or nxt in self.written):  # asked for out of order
+                nxt = self.next_of.get(nxt)
+            if nxt is not None:
                 self.ahead = (nxt, self.pool.submit(self._make, nxt))
         piece = pieces.get(_view_key(view))
         if piece is None:
@@ -144,6 +151,7 @@ class _ViewResolver:
         self.pending[name] -= 1
         if self.pending[name] <= 0:
             self.cache.pop(name, None)
+            self.written.add(name)
         return piece.reshape(view.size())  # the writer's view may carry extra leading axes (stacked layers)
 
     def _make(self, name: str) -> dict[tuple, torch.Tensor]:
