@@ -39,15 +39,15 @@ def main():
     p.add_argument("--work", default="/tmp/hf2mcore-bench")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tools", nargs="*", help="run only the tools whose names contain one of these words")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="hf2mcore process counts to run")
     a = p.parse_args()
     work = Path(a.work)
+    convert = [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"), "--no-progress",
+               "--dtype", "bf16"]
     tools = {
         "I/O floor (copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
-        "hf2mcore convert (1 process)": [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"),
-                                         "--overwrite", "--no-progress", "--dtype", "bf16"],
-        "hf2mcore convert (2 processes)": [sys.executable, "-m", "converter", "convert", a.hf_dir,
-                                           str(work / "mc"), "--overwrite", "--no-progress", "--dtype", "bf16",
-                                           "--workers", "2"],
+        **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
+           for n in a.procs},
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
     }

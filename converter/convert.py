@@ -46,7 +46,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     spec.check_parallel(tp, pp, ep, etp)
     refuse_existing(out_dir, overwrite)
     hf = open_source(hf_dir, spec)
-    ensure_distributed()
+    ensure_distributed(cpu=True)
     model = spec.build_model(device="meta", dtype=dt)
     shapes = mcore_shapes(model)
     plan = build_plan(spec, shapes, {n: hf.shape(n) for n in hf.names()})

@@ -72,7 +72,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     cfg = source_config(root if root != ckpt else ckpt.parent, ckpt, like)
     spec = derive(cfg, family=family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(ckpt.parent, cfg)
-    ensure_distributed()
+    ensure_distributed(cpu=True)
     model = spec.build_model(device="meta")
     plan = build_plan(spec, mcore_shapes(model))
     bar = Progress(len(plan.jobs), 0, "export", enabled=progress)

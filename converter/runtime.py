@@ -29,18 +29,21 @@ def import_megatron_eager() -> None:
         torch.compile = compile_
 
 
-def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, cpu: bool = False) -> None:
     """Start a process group (gloo on CPU, nccl on CUDA) and megatron's parallel state.
 
-    Single process when not launched by torchrun; under torchrun the sizes must fit the world.
+    Single process when not launched by torchrun; under torchrun the sizes must fit the world. `cpu`: the work
+    only reads and writes files, so under torchrun it takes gloo even where CUDA is available (any number of
+    processes per GPU); a single process keeps nccl there, for whatever the caller does next.
     """
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        backend = "nccl" if torch.cuda.is_available() and not (cpu and torchrun) else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        if torchrun:
             dist.init_process_group(backend=backend)
         else:  # one process: an in-memory store, no port, nothing leaked into child processes' environment
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -55,7 +58,7 @@ def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if torch.cuda.is_available():
+    if dist.get_backend() == "nccl":
         model_parallel_cuda_manual_seed(1234)
 
 
