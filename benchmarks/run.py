@@ -64,6 +64,7 @@ def main():
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
             r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True, check=True)
             runs[name].append(tuple(map(float, r.stdout.split())))
+            print(f"  {name}: {runs[name][-1][0]:.1f} s", file=sys.stderr, flush=True)
     print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor | runs (wall s) |")
     print("|---|---|---|---|---|---|")
     floor = None
