@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet()
+    if a.command in ("inspect", "export") or (a.command == "convert" and not a.quantize):
+        # File work only: no CUDA context, which costs each process (each --workers rank too) seconds on a GPU node.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from .runtime import import_megatron_eager
 
     import_megatron_eager()
