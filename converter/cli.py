@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     a.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet()
     if a.command in ("inspect", "export") or (a.command == "convert" and not a.quantize):
-        # File work only: no CUDA context, which costs each process (each --workers rank too) seconds on a GPU node.
+        # File work only: no process (nor --workers rank) sets up CUDA or binds to a GPU it does not need.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from .runtime import import_megatron_eager
 
