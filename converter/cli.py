@@ -222,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.command in ("inspect", "export") or (a.command == "convert" and not a.quantize):
         # File work only: no process (nor --workers rank) sets up CUDA or binds to a GPU it does not need.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from .runtime import import_megatron_eager
+    if not (a.command == "inspect" and a.format != "json"):  # the others build a megatron-core model
+        from .runtime import import_megatron_eager
 
-    import_megatron_eager()
+        import_megatron_eager()
     try:
         return a.fn(a)
     except ConversionError as exc:
