@@ -2,9 +2,9 @@
 
 Each rank fills only what it owns. megatron-core's sharded state dict tells, for every local parameter (or view
 of one), which global tensor it is a piece of and where (key, offsets); the import plan says which HF rows make
-that global tensor. Most transforms move whole rows (dim 0), so running them on row numbers instead of weights
-gives, for each Megatron row, its HF tensor and row: a rank then reads only its rows and columns from safetensors.
-The others transpose one expert's matrix of a packed tensor; that matrix is read whole.
+that global tensor. For the transforms that move whole rows, a rank reads only its rows and columns from
+safetensors, into the parameter itself where it can (rows.py). The others transpose one expert's matrix of a
+packed tensor; that matrix is read whole.
 """
 from __future__ import annotations
 

@@ -116,14 +116,14 @@ class _ViewResolver:
         self.views = {n: mine for n, v in views_by_param(self.names, sharded_state_dict).items()
                       if (mine := [sh.data for sh in v if is_main_replica(sh.replica_id)])}
         self.pending = {n: len(v) for n, v in self.views.items()}
-        self.mine = list(self.views)
         self.cache: dict[str, dict[tuple, torch.Tensor]] = {}
         self.written: set[str] = set()
         self.next_of: dict[str, str] = {}
         self.ahead: tuple[str, Future] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf2mcore-make")
-        if self.mine:  # DCP's plan keeps the state dict's order (if not, _take keeps this one for later)
-            self.ahead = (self.mine[0], self.pool.submit(self._make, self.mine[0]))
+        first = next(iter(self.views), None)
+        if first is not None:  # DCP's plan keeps the state dict's order (if not, _take keeps this one for later)
+            self.ahead = (first, self.pool.submit(self._make, first))
 
     def expect(self, views: list[torch.Tensor]) -> None:
         order = list(dict.fromkeys(self.name_of(v) for v in views))
@@ -253,7 +253,7 @@ def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, c
                                     content_metadata=dict(CONTENT_METADATA))
     finally:
         resolver.close()
-    return resolver.mine
+    return list(resolver.views)
 
 
 class ChunkReader:

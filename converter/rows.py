@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConversionError
 from .plan import Job
 
 _SOURCE_BITS = 40  # row numbers are encoded as source_index << 40 | (row + 1); 0 marks a padding row
@@ -28,6 +29,8 @@ def read_rows(hf, job: Job, rows: torch.Tensor, start: int, out: torch.Tensor,
               cols: tuple[slice, ...] = ()) -> None:
     """Megatron rows [start, start + len(out)) into `out`; `cols` selects columns of them (all when empty)."""
     want = rows[start: start + out.shape[0]]
+    if len(want) != out.shape[0]:
+        raise ConversionError(f"internal: {job.mcore} has {len(rows)} rows, asked for {start}:{start + out.shape[0]}")
     src, row = want >> _SOURCE_BITS, (want & ((1 << _SOURCE_BITS) - 1)) - 1
     breaks = ((src[1:] != src[:-1]) | (row[1:] != row[:-1] + 1)).nonzero().flatten() + 1
     bounds = [0, *breaks.tolist(), len(want)]
