@@ -1,12 +1,15 @@
 """hf2mcore: derive Megatron-Core settings from a Hugging Face config, convert, export, verify and quantize."""
-from .convert import convert
-from .derive import derive
-from .errors import ConversionError
-from .export import export
-from .live import load_hf_weights, megatron_model, save_hf_weights
-from .quantize import quantize
-from .spec import ModelSpec
-from .verify import verify
+from .imports import gc_paused
+
+with gc_paused():  # torch is imported here
+    from .convert import convert
+    from .derive import derive
+    from .errors import ConversionError
+    from .export import export
+    from .live import load_hf_weights, megatron_model, save_hf_weights
+    from .quantize import quantize
+    from .spec import ModelSpec
+    from .verify import verify
 
 __all__ = ["derive", "ModelSpec", "ConversionError", "convert", "export", "verify", "load_hf_weights",
            "save_hf_weights", "megatron_model", "quantize"]

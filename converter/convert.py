@@ -1,6 +1,7 @@
 """HF safetensors -> Megatron-LM torch_dist checkpoint, streamed one tensor at a time."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -20,7 +21,7 @@ from .mcore_io import TRACKER, megatron_lm_common, release_dir, save_streaming
 from .plan import build_plan, mcore_shapes
 from .progress import Progress
 from .rows import read_rows, readable_by_rows, row_sources
-from .runtime import ensure_distributed
+from .runtime import ensure_distributed, launched_by_torchrun
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,16 +36,26 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
             etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,
-            family: str | None = None, progress: bool = True) -> Path:
+            family: str | None = None, progress: bool = True, workers: int = 1) -> Path:
     """Convert `hf_dir` into a Megatron-LM checkpoint root `out_dir` (tracker file + release/ torch_dist).
 
     tp/pp/ep/etp are validated and recorded: torch_dist reshards at load, so the files are the same for all.
+    workers > 1: that many processes forked from this one share the reading and writing (converter/workers.py);
+    under torchrun every rank calls this with workers=1 instead.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     dt = parse_dtype(dtype)
     spec = derive(hf_dir, family=family)
     spec.check_parallel(tp, pp, ep, etp)
     refuse_existing(out_dir, overwrite)
+    if workers > 1:
+        if launched_by_torchrun():
+            raise ConversionError("workers: under torchrun the ranks are the workers; leave --workers out")
+        from .workers import run_forked
+
+        run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
+                                              overwrite=overwrite, family=family, progress=progress))
+        return out_dir
     hf = open_source(hf_dir, spec)
     ensure_distributed(cpu=True)
     model = spec.build_model(device="meta", dtype=dt)

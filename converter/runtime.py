@@ -2,31 +2,42 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import sys
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 
+from .errors import ConversionError
 
-def import_megatron_eager() -> None:
-    """Import megatron-core with its fused elementwise kernels left as plain functions.
 
-    megatron-core decorates them with torch.compile at import (megatron.core.jit binds `jit_fuser` then), and
-    torch.compile loads dynamo and inductor: about 1.5 s of every CLI run, for kernels that converting and exporting
-    never call (verify and quantize run them unfused: the same functions, without kernel fusion). Only the CLI
-    calls this, before anything imports megatron-core, so a library user's process keeps megatron's fusions.
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+_own_group = None  # the one-process group ensure_distributed started, the only one it may also end
+
+
+def release_own_group() -> None:
+    """End the one-process group ensure_distributed started, and megatron's parallel state on it: ranks forked
+    from this process need a group of their own, and tearing down an inherited one crashes the child.
+
+    A group someone else started is not ours to end: that is an error.
     """
-    if "megatron.core" in sys.modules:
+    global _own_group
+    if not dist.is_initialized():
         return
-    compile_ = torch.compile
-    torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
-    try:
-        importlib.import_module("megatron.core.jit")  # with megatron.core, which binds jit_fuser
-    finally:
-        torch.compile = compile_
+    if _own_group is None or dist.group.WORLD is not _own_group:
+        raise ConversionError("this process already belongs to a torch.distributed job: launch the ranks with "
+                              "torchrun instead of workers")
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    for name, value in vars(parallel_state).items():  # megatron-core 0.19 leaves two of them set
+        if isinstance(value, dist.ProcessGroup):
+            setattr(parallel_state, name, None)
+    dist.destroy_process_group()
+    _own_group = None
 
 
 def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, cpu: bool = False) -> None:
@@ -39,14 +50,16 @@ def ensure_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        torchrun = launched_by_torchrun()
         backend = "nccl" if torch.cuda.is_available() and not (cpu and torchrun) else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if torchrun:
             dist.init_process_group(backend=backend)
         else:  # one process: an in-memory store, no port, nothing leaked into child processes' environment
+            global _own_group
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            _own_group = dist.group.WORLD
     want = (tp, pp, ep, etp or tp)
     if ps.model_parallel_is_initialized():
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),

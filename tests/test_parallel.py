@@ -95,3 +95,60 @@ def test_convert_with_two_workers(tiny_models, tmp_path):
     assert len(parts) == 2 and min(p.stat().st_size for p in parts) > 0.3 * max(p.stat().st_size for p in parts)
     _assert_same_weights(_weights(export(out, tmp_path / "back", progress=False)), _weights(hf))
     assert json.loads((out / "hf2mcore.json").read_text())["processes"] == 2
+
+
+def test_convert_workers_in_process_matches_one_process(tiny_models, tmp_path):
+    """The library call with workers=2, after this process already converted alone (it holds a one-process group,
+    which the forked ranks replace): the same tensors as a one-process conversion, written by two ranks."""
+    hf = tiny_models("meta-llama/Llama-3.2-1B")
+    one = convert(hf, tmp_path / "one", dtype="fp32", progress=False)
+    two = convert(hf, tmp_path / "two", dtype="fp32", progress=False, workers=2)
+    assert len(list((two / "release").glob("*.distcp"))) == 2
+    a, b = _weights(export(one, tmp_path / "a", progress=False)), _weights(export(two, tmp_path / "b", progress=False))
+    _assert_same_weights(b, a)
+
+
+def test_worker_failure_stops_every_rank(monkeypatch):
+    """One rank fails while another waits for it in a collective: the job stops with the failing rank's message,
+    without waiting for the grace period after which stragglers are killed."""
+    import time
+
+    import torch.distributed as dist
+
+    from converter import ConversionError, workers
+
+    monkeypatch.setattr(workers, "GRACE_S", 120.0)
+
+    def fn():
+        if dist.get_rank() == 1:
+            raise ConversionError("model.layers.0.mlp.up_proj.weight: corrupt")
+        dist.barrier()
+
+    t = time.monotonic()
+    with pytest.raises(ConversionError, match="up_proj.weight: corrupt"):
+        workers.run_forked(2, fn)
+    assert time.monotonic() - t < 60
+
+
+def test_forked_convert_failure_leaves_no_output(tiny_models, tmp_path, monkeypatch):
+    """A rank that fails during the save: the conversion raises its error, and neither the output nor the
+    temporary directory that rank 0 was writing into is left behind."""
+    import importlib
+
+    import torch.distributed as dist
+
+    from converter import ConversionError
+
+    convert_module = importlib.import_module("converter.convert")  # the package exports a function of that name
+    save = convert_module.save_streaming
+
+    def failing_on_rank_1(*a, **k):
+        if dist.get_rank() == 1:
+            raise ConversionError("model.norm.weight: unreadable")
+        return save(*a, **k)
+
+    monkeypatch.setattr(convert_module, "save_streaming", failing_on_rank_1)
+    hf = tiny_models("meta-llama/Llama-3.2-1B")
+    with pytest.raises(ConversionError, match="model.norm.weight: unreadable"):
+        convert(hf, tmp_path / "mc", progress=False, workers=2)
+    assert list(tmp_path.iterdir()) == []

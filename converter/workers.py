@@ -1,0 +1,106 @@
+"""N processes on one node, forked after the imports, as the ranks of one gloo process group.
+
+torchrun starts N fresh interpreters, and each imports torch and megatron-core again: on a 16-core node that was
+3.8 s of launcher and 7-9 s of imports per rank, more than the conversion itself (RESULTS.md, session 3). Forked
+children start with all of that loaded. Jobs across nodes still use torchrun.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConversionError
+from .runtime import release_own_group
+
+# after one rank fails, how long the others get to notice (gloo raises when a peer's socket closes) and clean up
+GRACE_S = 30.0
+
+
+def run_forked(n: int, fn: Callable[[], None]) -> None:
+    """Run fn() in n forked ranks; returns once every rank succeeded, else raises the first failure's error.
+
+    A rank that fails makes the others fail at their next collective, so each cleans up after itself; one still
+    running GRACE_S later is killed.
+    """
+    release_own_group()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise ConversionError("workers: CUDA is initialised in this process, and a forked child cannot use it")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryDirectory(prefix="hf2mcore-workers-") as tmp:
+        store = os.path.join(tmp, "store")
+        ranks = {}
+        for rank in range(n):
+            pid = os.fork()
+            if pid == 0:
+                _rank_main(rank, n, store, os.path.join(tmp, f"error-{rank}"), fn)
+            ranks[pid] = rank
+        failed = _wait_all(ranks)
+        if failed is not None:
+            rank, code = failed
+            path = os.path.join(tmp, f"error-{rank}")
+            msg = open(path).read() if os.path.exists(path) else f"killed by signal {-code}"
+            if code == 2:
+                raise ConversionError(msg)
+            raise RuntimeError(f"worker rank {rank} failed:\n{msg}")
+
+
+def _wait_all(ranks: dict[int, int]) -> tuple[int, int] | None:
+    """Reap every child; the first (rank, exit code) that was not a success, or None."""
+    failed, interrupted, deadline = None, False, None
+    while ranks:
+        try:
+            pid, status = os.waitpid(-1, 0 if deadline is None else os.WNOHANG)
+        except KeyboardInterrupt:  # the ranks had the same SIGINT: they clean up, then this stops too
+            interrupted, deadline = True, deadline or time.monotonic() + GRACE_S
+            continue
+        if pid == 0:  # some still running after a failure
+            if time.monotonic() > deadline:
+                for p in ranks:
+                    os.kill(p, signal.SIGKILL)
+            time.sleep(0.05)
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        rank = ranks.pop(pid)
+        if code != 0 and failed is None:
+            failed, deadline = (rank, code), time.monotonic() + GRACE_S
+    if interrupted:
+        raise KeyboardInterrupt
+    return failed
+
+
+def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], None]) -> None:
+    """A child's whole life: join the group, run fn, leave with 0, 2 (ConversionError) or 1, writing why."""
+    # The parent's objects are this rank's too: its collector must not free them (a process group freed here
+    # would join threads that were never forked).
+    gc.freeze()
+    code = 1
+    try:
+        # the ranks are the parallelism; and OpenMP's pool, if the parent used one, does not survive a fork
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", store=dist.FileStore(store, n), rank=rank, world_size=n)
+        fn()
+        code = 0
+    except ConversionError as exc:
+        code = 2
+        _write(error_path, str(exc))
+    except BaseException:  # the parent shows it if this rank failed first; later ones follow from it
+        _write(error_path, traceback.format_exc())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not the parent's atexit handlers, nor its interpreter teardown
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
