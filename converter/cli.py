@@ -120,6 +120,14 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _workers(v: str) -> int | str:
+    if v == "auto":
+        return v
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"a positive number or auto, not {v!r}")
+    return int(v)
+
+
 def _quant_options(sp) -> None:
     sp.add_argument("--calib-data", help="text file (paragraphs) or JSONL with a 'text' field; default: built in")
     sp.add_argument("--calib-size", type=int, default=128, help="calibration sequences")
@@ -156,9 +164,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true", help="compare logits with HF after converting")
     sp.add_argument("--tol", type=float, default=1e-5)
     sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--workers", type=int, default=1,
-                    help="convert with N processes on this node sharing the reading and writing (across nodes: "
-                         "`torchrun ... -m converter convert ...` without --workers)")
+    sp.add_argument("--workers", type=_workers, default="auto",
+                    help="N processes on this node share the reading and writing; default auto: one per 512 MiB "
+                         "of output, at most one per core, 8, and what memory holds (across nodes: launch "
+                         "`torchrun ... -m converter convert ...` instead)")
     sp.add_argument("--quantize", metavar="FORMAT", help="write a ModelOpt-quantized checkpoint instead (CUDA)")
     _quant_options(sp)
     common(sp)

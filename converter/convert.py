@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import platform
 import shlex
 import time
@@ -36,18 +37,24 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
             etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,
-            family: str | None = None, progress: bool = True, workers: int = 1) -> Path:
+            family: str | None = None, progress: bool = True, workers: int | str = 1) -> Path:
     """Convert `hf_dir` into a Megatron-LM checkpoint root `out_dir` (tracker file + release/ torch_dist).
 
     tp/pp/ep/etp are validated and recorded: torch_dist reshards at load, so the files are the same for all.
     workers > 1: that many processes forked from this one share the reading and writing (converter/workers.py);
-    under torchrun every rank calls this with workers=1 instead.
+    "auto": as many as the size, cores and memory make worthwhile (workers.auto_count). Under torchrun every
+    rank calls this with workers=1 instead.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     dt = parse_dtype(dtype)
     spec = derive(hf_dir, family=family)
     spec.check_parallel(tp, pp, ep, etp)
     refuse_existing(out_dir, overwrite)
+    hf = open_source(hf_dir, spec)
+    if workers == "auto":
+        workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConversionError(f"workers must be a positive number or 'auto', not {workers!r}")
     if workers > 1:
         if launched_by_torchrun():
             raise ConversionError("workers: under torchrun the ranks are the workers; leave --workers out")
@@ -56,7 +63,6 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
                                               overwrite=overwrite, family=family, progress=progress))
         return out_dir
-    hf = open_source(hf_dir, spec)
     ensure_distributed(cpu=True)
     model = spec.build_model(device="meta", dtype=dt)
     shapes = mcore_shapes(model)
@@ -99,6 +105,13 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
             write_args(tmp, spec, tp, pp, ep, etp, dt)
             _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world)
     return out_dir
+
+
+def _auto_workers(hf: HFCheckpoint, dt: torch.dtype) -> int:
+    from .workers import auto_count
+
+    sizes = [math.prod(hf.shape(n)) * dt.itemsize for n in hf.names()]  # as written
+    return auto_count(sum(sizes), max(sizes, default=0))
 
 
 def _nbytes(hf: HFCheckpoint, name: str) -> int:

@@ -23,6 +23,30 @@ from .runtime import release_own_group
 
 # after one rank fails, how long the others get to notice (gloo raises when a peer's socket closes) and clean up
 GRACE_S = 30.0
+# workers="auto" forks at most this many: on a 16-core node 8 ranks already had the disk as the limit
+MAX_AUTO = 8
+
+
+def auto_count(out_bytes: int, largest: int) -> int:
+    """How many ranks workers="auto" forks: one per 512 MiB to write (a smaller share does not pay for a rank's
+    set-up), at most one per core and MAX_AUTO, and no more than the available memory holds at 1 GiB + 2 x the
+    largest tensor each (RESULTS.md: a rank's peak is its imports plus about two tensors)."""
+    n = min(os.cpu_count() or 1, MAX_AUTO, out_bytes // (512 << 20))
+    avail = _available_memory()
+    if avail is not None:
+        n = min(n, avail // ((1 << 30) + 2 * largest))
+    return max(1, n)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run_forked(n: int, fn: Callable[[], None]) -> None:

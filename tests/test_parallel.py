@@ -152,3 +152,23 @@ def test_forked_convert_failure_leaves_no_output(tiny_models, tmp_path, monkeypa
     with pytest.raises(ConversionError, match="model.norm.weight: unreadable"):
         convert(hf, tmp_path / "mc", progress=False, workers=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_worker_count(monkeypatch, tiny_models, tmp_path):
+    """workers="auto": one rank per 512 MiB to write, bounded by cores, MAX_AUTO and available memory (1 GiB + 2 x
+    the largest tensor per rank); a tiny model converts in one process."""
+    from converter import workers
+
+    gib = 1 << 30
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(workers, "_available_memory", lambda: 64 * gib)
+    assert workers.auto_count(300 << 20, 10 << 20) == 1
+    assert workers.auto_count(2 * gib + (100 << 20), 500 << 20) == 4
+    assert workers.auto_count(700 * gib, 100 << 20) == workers.MAX_AUTO
+    assert workers.auto_count(700 * gib, 4 * gib) == 7  # 64 GiB // 9 GiB
+    assert workers.auto_count(700 * gib, 40 * gib) == 1
+    monkeypatch.setattr(workers, "_available_memory", lambda: None)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    assert workers.auto_count(700 * gib, 4 * gib) == 2
+    out = convert(tiny_models("meta-llama/Llama-3.2-1B"), tmp_path / "mc", progress=False, workers="auto")
+    assert json.loads((out / "hf2mcore.json").read_text())["processes"] == 1
