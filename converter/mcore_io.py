@@ -121,7 +121,7 @@ class _ViewResolver:
         self.cache: dict[str, dict[tuple, torch.Tensor]] = {}
         self.written: set[str] = set()
         self.bases: dict[str, torch.Tensor] = {}  # the made parameters, until their memory is given back
-        self.finished: list[str] = []  # every view handed to the writer; written once it asks for the next one
+        self.finished: list[str] = []  # parameters whose last view went to the writer (written at its next ask)
         self.next_of: dict[str, str] = {}
         self.ahead: tuple[str, Future] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf2mcore-make")
