@@ -68,20 +68,31 @@ def run_forked(n: int, fn: Callable[[], None]) -> None:
             if pid == 0:
                 _rank_main(rank, n, store, os.path.join(tmp, f"error-{rank}"), fn)
             ranks[pid] = rank
-        failed = _wait_all(ranks)
-        if failed is not None:
-            rank, code = failed
-            path = os.path.join(tmp, f"error-{rank}")
-            msg = open(path).read() if os.path.exists(path) else f"killed by signal {-code}"
-            if code == 2:
-                raise ConversionError(msg)
-            raise RuntimeError(f"worker rank {rank} failed:\n{msg}")
+        failed, killed = _wait_all(ranks)
+        if failed:
+            raise _cause(failed, killed, tmp)
 
 
-def _wait_all(ranks: dict[int, int]) -> tuple[int, int] | None:
-    """Reap every rank; the first (rank, exit code) that was not a success, or None. Polls each of its own pids
-    (waitpid(-1) would also reap children that are not ours, which their owners then could not wait for)."""
-    failed, interrupted, deadline = None, False, None
+def _cause(failed: dict[int, int], killed: set[int], tmp: str) -> Exception:
+    """The error of the rank that failed first: a rank that died by a signal this did not send (the OOM killer,
+    a crash), else the earliest error written; the other ranks' collectives failed because that one had left."""
+    for rank, code in failed.items():
+        if code < 0 and rank not in killed:
+            return RuntimeError(f"worker rank {rank} was killed by signal {-code}")
+    written = {r: p for r in failed if os.path.exists(p := os.path.join(tmp, f"error-{r}"))}
+    if not written:
+        return RuntimeError(f"worker ranks {sorted(failed)} failed without a message")
+    rank = min(written, key=lambda r: os.stat(written[r]).st_mtime_ns)
+    msg = open(written[rank]).read()
+    return ConversionError(msg) if failed[rank] == 2 else RuntimeError(f"worker rank {rank} failed:\n{msg}")
+
+
+def _wait_all(ranks: dict[int, int]) -> tuple[dict[int, int], set[int]]:
+    """Reap every rank: the exit codes of those that failed, by rank, and the ranks this killed. Polls each of its
+    own pids (waitpid(-1) would also reap children that are not ours, which their owners could then not wait for)."""
+    failed: dict[int, int] = {}
+    killed: set[int] = set()
+    interrupted, deadline = False, None
     while ranks:
         try:
             time.sleep(0.05)
@@ -91,14 +102,15 @@ def _wait_all(ranks: dict[int, int]) -> tuple[int, int] | None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 rank, code = ranks.pop(pid), os.waitstatus_to_exitcode(status)
-                if code != 0 and failed is None:
-                    failed, deadline = (rank, code), deadline or time.monotonic() + GRACE_S
+                if code != 0:
+                    failed[rank], deadline = code, deadline or time.monotonic() + GRACE_S
         if deadline is not None and time.monotonic() > deadline:
-            for pid in ranks:
+            for pid, rank in ranks.items():
                 os.kill(pid, signal.SIGKILL)
+                killed.add(rank)
     if interrupted:
         raise KeyboardInterrupt
-    return failed
+    return failed, killed
 
 
 def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], None]) -> None:

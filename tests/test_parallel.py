@@ -111,6 +111,7 @@ def test_convert_workers_in_process_matches_one_process(tiny_models, tmp_path):
 def test_worker_failure_stops_every_rank(monkeypatch):
     """One rank fails while another waits for it in a collective: the job stops with the failing rank's message,
     without waiting for the grace period after which stragglers are killed."""
+    import signal
     import time
 
     import torch.distributed as dist
@@ -128,6 +129,15 @@ def test_worker_failure_stops_every_rank(monkeypatch):
     with pytest.raises(ConversionError, match="up_proj.weight: corrupt"):
         workers.run_forked(2, fn)
     assert time.monotonic() - t < 60
+
+    def killed():  # as the OOM killer would
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()
+
+    with pytest.raises(RuntimeError, match="rank 1 was killed by signal 9"):
+        workers.run_forked(2, killed)
+    assert time.monotonic() - t < 120
 
 
 def test_forked_convert_failure_leaves_no_output(tiny_models, tmp_path, monkeypatch):
