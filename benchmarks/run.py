@@ -1,6 +1,7 @@
-"""Wall time, CPU time and peak RSS of the I/O floor (read every input byte, write as many, synced) and of
-`hf2mcore convert` (1 and 2 processes) and ModelOpt's importer, each in a fresh process, median of --repeat runs
-taken round robin. Prints a markdown table row per tool; the first tool (the floor) must be among those run."""
+"""Wall time, CPU time and peak RSS of the I/O floor (read every input byte, write as many, synced), of
+`hf2mcore convert` (1 and 2 processes) and of the peers (ModelOpt's importer, Megatron-Bridge), each in a fresh
+process, median of --repeat runs taken round robin. Prints a markdown table row per tool, or the exact error of one
+that cannot run; the first tool (the floor) must be among those run."""
 import argparse
 import resource
 import shutil
@@ -26,8 +27,11 @@ for name in sorted(os.listdir(src)):
 def measure(cmd):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t
+    if r.returncode:  # a peer that cannot run here: its exact error, for the table
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        sys.exit(f"exit {r.returncode}: {lines[-1].strip() if lines else '(no message)'}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, after.ru_maxrss / 1024  # MiB; maxrss of the largest child so far
@@ -50,25 +54,37 @@ def main():
            for n in a.procs},
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
+        "Megatron-Bridge AutoBridge.import_ckpt": [
+            sys.executable, str(Path(__file__).with_name("peer_bridge.py")), a.hf_dir, str(work / "peer")],
     }
     if a.tools:
         tools = {k: v for k, v in tools.items() if any(t.lower() in k.lower() for t in a.tools)}
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
     print(f"input: {a.hf_dir} ({size:.2f} GiB)")
-    runs = {name: [] for name in tools}
+    runs, errors = {name: [] for name in tools}, {}
     # round robin, so every tool sees the same phases of this machine's noisy disk
     for _ in range(a.repeat):
         for name, cmd in tools.items():
+            if name in errors:
+                continue
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
-            r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True, check=True)
+            r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True)
+            if r.returncode:
+                errors[name] = r.stderr.strip().splitlines()[-1]
+                print(f"  {name}: could not run: {errors[name]}", file=sys.stderr, flush=True)
+                continue
             runs[name].append(tuple(map(float, r.stdout.split())))
             print(f"  {name}: {runs[name][-1][0]:.1f} s", file=sys.stderr, flush=True)
     print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor | runs (wall s) |")
     print("|---|---|---|---|---|---|")
     floor = None
+    for name, err in errors.items():
+        print(f"| {name} | could not run: {err.replace('|', '/')} | | | | |")
     for name, rs in runs.items():
+        if not rs:
+            continue
         wall = statistics.median(r[0] for r in rs)
         cpu = statistics.median(r[1] for r in rs)
         rss = max(r[2] for r in rs)
