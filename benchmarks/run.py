@@ -72,7 +72,7 @@ def main():
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
             r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True)
             if r.returncode:
-                errors[name] = r.stderr.strip().splitlines()[-1]
+                errors[name] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
                 print(f"  {name}: could not run: {errors[name]}", file=sys.stderr, flush=True)
                 continue
             runs[name].append(tuple(map(float, r.stdout.split())))
