@@ -80,10 +80,9 @@ def main():
     print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor | runs (wall s) |")
     print("|---|---|---|---|---|---|")
     floor = None
-    for name, err in errors.items():
-        print(f"| {name} | could not run: {err.replace('|', '/')} | | | | |")
     for name, rs in runs.items():
-        if not rs:
+        if name in errors:
+            print(f"| {name} | could not run: {errors[name].replace('|', '/')} | | | | |")
             continue
         wall = statistics.median(r[0] for r in rs)
         cpu = statistics.median(r[1] for r in rs)
