@@ -115,10 +115,7 @@ def _auto_workers(hf: HFCheckpoint, dt: torch.dtype) -> int:
 
 
 def _nbytes(hf: HFCheckpoint, name: str) -> int:
-    n = 1
-    for d in hf.shape(name):
-        n *= d
-    return n * hf.dtype(name).itemsize
+    return math.prod(hf.shape(name)) * hf.dtype(name).itemsize
 
 
 def args_fragment(spec, tp: int, pp: int, ep: int, etp: int | None) -> str:
