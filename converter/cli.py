@@ -32,26 +32,28 @@ def _hf_dir(arg: str | None) -> Path:
 
 
 def cmd_inspect(a) -> int:
-    from .convert import args_fragment
+    from . import megatron_fields
     from .derive import derive, hf_param_count, mcore_param_count
+    from .layout import gap_lines
 
     spec = derive(_hf_dir(a.path), family=a.family)
+    spec.check_parallel(a.tp, a.pp, a.ep, a.etp)
+    ns, settings = spec.megatron_namespace(a.tp, a.pp, a.ep, a.etp, exact=a.exact), spec.hook_settings(a.exact)
+    notes = [*spec.warnings, *gap_lines(spec, settings)]
     if a.format == "args":
-        for w in spec.warnings:
-            print(f"# WARNING: {w}")
-        print(args_fragment(spec, a.tp, a.pp, a.ep, a.etp))
+        print("".join(f"# WARNING: {w}\n" for w in notes) + " ".join(megatron_fields.flags(ns)))
         return 0
-    args = spec.megatron_args(a.tp)
     if a.format == "json":
         params = {"hf": hf_param_count(spec), "megatron": mcore_param_count(spec)}
-        print(json.dumps({"architecture": spec.architecture, "family": spec.family, "megatron_args": args,
-                          "params": params, "warnings": list(spec.warnings)}, indent=2))
+        print(json.dumps({"architecture": spec.architecture, "family": spec.family, "megatron_args": ns,
+                          "flags": megatron_fields.flags(ns), "spec_hook": settings, "params": params,
+                          "warnings": notes}, indent=2))
         return 0
     print(f"{spec.architecture}  (family: {spec.family})")
-    width = max(map(len, args))
-    for k, v in args.items():
+    width = max(map(len, ns))
+    for k, v in ns.items():
         print(f"  {k:<{width}}  {v}")
-    for w in spec.warnings:
+    for w in notes:
         print(f"WARNING: {w}")
     return 0
 
@@ -69,10 +71,17 @@ def cmd_convert(a) -> int:
     if launched_by_torchrun() and a.verify:
         raise ConversionError("--verify runs in one process: verify after the parallel conversion")
     convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
-            family=a.family, progress=not a.no_progress, workers=a.workers)
+            family=a.family, progress=not a.no_progress, workers=a.workers, exact=a.exact)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
-    print(f"wrote {out} (Megatron-LM: --load {out} --ckpt-format torch_dist; flags in {out}/megatron_args.sh)")
+    print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then pretrain_gpt.py \"${{MODEL_ARGS[@]}}\" "
+          f"--load {out} --finetune)")
+    from .derive import derive
+    from .layout import gap_lines
+
+    spec = derive(hf, family=a.family)
+    for w in gap_lines(spec, spec.hook_settings(a.exact)):
+        print(f"WARNING: {w}")
     if a.verify:
         return _report(hf, out, a)
     return 0
@@ -89,6 +98,8 @@ def _report(hf: Path, out: Path, a) -> int:
     print(f"verify: max abs err {r['max_abs_err']:.3g}, rel err {r['rel_err']:.3g} (tolerance {r['tolerance']:g}), "
           f"top-1 agreement {100 * r['top1_agreement']:.1f}% over {r['tokens']} tokens -> "
           + ("OK" if r["ok"] else "FAILED"))
+    for w in r["megatron_lm_gaps"]:
+        print(f"  Megatron-LM gap: {w}")
     return 0 if r["ok"] else 1
 
 
@@ -149,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
             for k in ("tp", "pp", "ep"):
                 sp.add_argument(f"--{k}", type=int, default=1)
             sp.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
+            sp.add_argument("--exact", action="store_true",
+                            help="also apply, through Megatron-LM's --spec hook, what its flags cannot express "
+                                 "(each such gap is a WARNING line)")
 
     sp = sub.add_parser("inspect", help="print the Megatron settings derived from config.json")
     sp.add_argument("path", nargs="?", help="checkpoint directory or config.json (default: embedded SmolLM2)")

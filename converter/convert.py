@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import platform
-import shlex
 import time
 from pathlib import Path
 
@@ -18,7 +16,8 @@ from .atomic import atomic_dir_all_ranks, refuse_existing
 from .errors import ConversionError
 from .dequant import open_source
 from .hf_io import HFCheckpoint
-from .mcore_io import TRACKER, megatron_lm_common, release_dir, save_streaming
+from . import layout
+from .mcore_io import save_streaming
 from .plan import build_plan, mcore_shapes
 from .progress import Progress
 from .rows import read_rows, readable_by_rows, row_sources
@@ -37,13 +36,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
             etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,
-            family: str | None = None, progress: bool = True, workers: int | str = 1) -> Path:
+            family: str | None = None, progress: bool = True, workers: int | str = 1, exact: bool = False) -> Path:
     """Convert `hf_dir` into a Megatron-LM checkpoint root `out_dir` (tracker file + release/ torch_dist).
 
     tp/pp/ep/etp are validated and recorded: torch_dist reshards at load, so the files are the same for all.
     workers > 1: that many processes forked from this one share the reading and writing (converter/workers.py);
     "auto": as many as the size, cores and memory make worthwhile (workers.auto_count). Under torchrun every
-    rank calls this with workers=1 instead.
+    rank calls this with workers=1 instead. exact: also apply, through the --spec hook, what Megatron-LM's flags
+    cannot express (ModelSpec.gaps).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     dt = parse_dtype(dtype)
@@ -61,10 +61,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         from .workers import run_forked
 
         run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
-                                              overwrite=overwrite, family=family, progress=progress))
+                                              overwrite=overwrite, family=family, progress=progress, exact=exact))
         return out_dir
     ensure_distributed(cpu=True)
-    model = spec.build_model(device="meta", dtype=dt)
+    ns, settings = spec.megatron_namespace(tp, pp, ep, etp, dt, exact=exact), spec.hook_settings(exact)
+    model = spec.build_model(device="meta", dtype=dt, exact=exact)
     shapes = mcore_shapes(model)
     plan = build_plan(spec, shapes, {n: hf.shape(n) for n in hf.names()})
 
@@ -92,7 +93,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
 
     with atomic_dir_all_ranks(out_dir, overwrite) as tmp:
         t0 = time.time()
-        mine = save_streaming(model, make, release_dir(tmp), megatron_lm_common(spec, tp, pp, ep, etp, dt))
+        mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns))
         bar.close()
         left = [n for n in mine if n not in done]
         everyone = [None] * world
@@ -101,9 +102,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         if left:
             raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
         if rank == 0:
-            (tmp / TRACKER).write_text("release")
-            write_args(tmp, spec, tp, pp, ep, etp, dt)
-            _write_manifest(tmp, hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world)
+            layout.write_root(tmp, out_dir, spec, ns, settings, (hf_dir / "config.json").read_bytes(),
+                              _manifest(hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world, settings))
     return out_dir
 
 
@@ -118,42 +118,19 @@ def _nbytes(hf: HFCheckpoint, name: str) -> int:
     return math.prod(hf.shape(name)) * hf.dtype(name).itemsize
 
 
-def args_fragment(spec, tp: int, pp: int, ep: int, etp: int | None) -> str:
-    """Megatron-LM flags as a shell fragment, in place of a hand-written conf/*.sh."""
-    a = spec.megatron_args(tp)
-    a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if spec.moe is not None:
-        a.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
-    parts = []
-    for k, v in a.items():
-        flag = "--" + k.replace("_", "-")
-        parts.append(flag if v is True else f"{flag} {shlex.quote(str(v))}")
-    return " \\\n    ".join(parts)
-
-
-def write_args(root: Path, spec, tp, pp, ep, etp, dt) -> None:
-    prec = {torch.bfloat16: "--bf16", torch.float16: "--fp16"}.get(dt, "")
-    root.joinpath("megatron_args.sh").write_text(
-        f"# Megatron-LM arguments derived by hf2mcore for {spec.architecture}\n"
-        f"# use: torchrun ... pretrain_gpt.py ${{MODEL_ARGS[@]}} --load {root.name} --ckpt-format torch_dist --finetune\n"
-        + "".join(f"# WARNING: {w}\n" for w in spec.warnings)
-        + f"MODEL_ARGS=(\n    {args_fragment(spec, tp, pp, ep, etp)} {prec}\n    --use-mcore-models --transformer-impl local\n)\n")
-
-
-def _write_manifest(root: Path, hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par, workers) -> None:
+def _manifest(hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par, workers, settings) -> dict:
     from importlib.metadata import version
 
     cfg = (hf_dir / "config.json").read_bytes()
-    manifest = {
+    return {
         "tool": "hf2mcore", "source": str(hf_dir.resolve()), "architecture": spec.architecture,
         "family": spec.family, "dtype": str(dt).removeprefix("torch."),
         "parallel": dict(zip(("tp", "pp", "ep", "etp"), par)),
         "config_sha256": hashlib.sha256(cfg).hexdigest(),
         "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in sorted(set(hf.file_of.values()))},
         "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored)},
-        "warnings": list(spec.warnings), "seconds": round(seconds, 2), "processes": workers,
+        "warnings": list(spec.warnings), "megatron_lm_gaps": layout.gap_lines(spec, settings),
+        "seconds": round(seconds, 2), "processes": workers,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      **{pkg: version(pkg) for pkg in ("megatron-core", "transformers", "safetensors")}},
     }
-    root.joinpath("hf2mcore.json").write_text(json.dumps(manifest, indent=2))
-    root.joinpath("hf_config.json").write_bytes(cfg)

@@ -32,7 +32,7 @@ ALIASES = {
 DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "attention_bias",
              "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
              "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step")
-GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}
 
 
 def read_config(path: str | Path) -> dict:
@@ -164,7 +164,7 @@ class _Deriver:
             head_dim = hidden // heads
         act = self.get("activation", "silu")
         if act not in GATED_ACTIVATIONS:
-            self.refuse(f"hidden_act={act!r} (hf2mcore maps gated silu and gelu-tanh MLPs)")
+            self.refuse(f"hidden_act={act!r} (Megatron-LM's gated MLPs are --swiglu and --quick-geglu)")
         attn_bias, mlp_bias = bool(self.get("attention_bias", False)), bool(self.get("mlp_bias", False))
         qkv_bias = attn_bias
         if self.implied.get("attention_bias_is_qkv_only"):  # e.g. GLM-4.5: o_proj never has a bias
@@ -244,21 +244,12 @@ class _Deriver:
         factor = float(params.get("factor", 1.0))
         if kind == "llama3":
             got = {k: float(params.get(k, want)) for k, want in MCORE_LLAMA3.items()}
-            odd = {k: v for k, v in got.items() if v != MCORE_LLAMA3[k]}
-            if odd:  # exact in hf2mcore's model (build_model sets the frequencies); not in a Megatron-LM launch
-                self.warnings.append(f"rope_scaling {odd}: Megatron-LM's --use-rope-scaling hard-codes "
-                                     f"{MCORE_LLAMA3}; hf2mcore's model uses HF's values, a Megatron-LM launch from "
-                                     "megatron_args.sh would not")
             return RopeSpec(kind="llama3", theta=theta, factor=factor, low_freq_factor=got["low_freq_factor"],
                             high_freq_factor=got["high_freq_factor"],
                             original_max_position_embeddings=int(got["original_max_position_embeddings"]),
                             interleaved=bool(self.get("rope_interleaved", False)))
         if kind == "yarn":
             omp = params.get("original_max_position_embeddings") or self.get("original_max_position_embeddings")
-            if params.get("truncate") is False and self.get("kv_lora_rank") is None:
-                self.warnings.append("rope_scaling.truncate=false: Megatron-LM has no flag for it; hf2mcore sets "
-                                     "megatron-core's config.yarn_correction_range_round_to_int=False, and a "
-                                     "Megatron-LM launch must set it too or its rope differs slightly")
             return RopeSpec(kind="yarn", theta=theta, factor=factor, original_max_position_embeddings=omp,
                             truncate=params.get("truncate", True) is not False,
                             beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),

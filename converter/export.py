@@ -9,16 +9,18 @@ from typing import Iterator
 
 import torch
 
+from . import layout
+from .atomic import atomic_dir, refuse_existing
 from .convert import parse_dtype
 from .derive import derive, read_config
-from .atomic import atomic_dir, refuse_existing
 from .errors import ConversionError
-from .hf_io import write_sharded
-from .packed import repack
 from .from_args import hf_config_from_args
-from .mcore_io import ChunkReader, find_checkpoint, load_common, params_from_checkpoint
+from .hf_io import write_sharded
+from .mcore_io import ChunkReader, params_from_checkpoint
+from .packed import repack
 from .plan import Plan, build_plan, mcore_shapes
 from .progress import Progress
+from .model import build_gpt
 from .runtime import ensure_distributed
 
 LIKE_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt|"
@@ -34,17 +36,18 @@ def parse_size(s: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
 
 
-def source_config(root: Path, ckpt: Path, like: Path | None) -> dict:
-    """--like's config, else the one hf2mcore recorded, else one re-derived from Megatron-LM's saved arguments."""
+def source_config(root: Path, ns: dict, like: Path | None) -> dict:
+    """--like's config, else the one hf2mcore recorded, else one re-derived from the Megatron-LM arguments."""
     if like is not None:
         return read_config(like)
-    recorded = root / "hf_config.json"
-    if recorded.is_file():
-        return read_config(recorded)
-    args = load_common(ckpt).get("args")
-    if args is None:
-        raise ConversionError(f"{ckpt} records neither an HF config nor Megatron-LM arguments; pass --like HF_DIR")
-    return hf_config_from_args(args)
+    return layout.recorded_hf_config(root) or hf_config_from_args(ns)
+
+
+def single_process(ns: dict) -> dict:
+    """The namespace at TP=PP=EP=1: torch_dist reshards, so one process reads a checkpoint saved at any size."""
+    sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+             "expert_tensor_parallel_size")
+    return {k: v for k, v in ns.items() if k not in sizes}
 
 
 def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -56,9 +59,7 @@ def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> I
 
 def _recorded_dtype(root: Path, cfg: dict) -> torch.dtype | None:
     """The dtype the weights were converted in (megatron-core keeps norms in fp32 whatever params_dtype is)."""
-    manifest = root / "hf2mcore.json"
-    name = json.loads(manifest.read_text()).get("dtype") if manifest.is_file() else None
-    name = name or cfg.get("dtype") or cfg.get("torch_dtype")
+    name = layout.manifest(root).get("dtype") or cfg.get("dtype") or cfg.get("torch_dtype")
     return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
@@ -67,13 +68,16 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
            family: str | None = None, progress: bool = True) -> Path:
     root, out_dir = Path(mcore_dir), Path(out_dir)
     like = Path(like) if like else None
-    ckpt = find_checkpoint(root)
+    ckpt = layout.find_checkpoint(root)
+    root = layout.root_of(ckpt)
     refuse_existing(out_dir, overwrite)
-    cfg = source_config(root if root != ckpt else ckpt.parent, ckpt, like)
+    ns, _ = layout.megatron_view(root, ckpt)
+    cfg = source_config(root, ns, like)
     spec = derive(cfg, family=family)
-    dt = parse_dtype(dtype) if dtype else _recorded_dtype(ckpt.parent, cfg)
+    dt = parse_dtype(dtype) if dtype else _recorded_dtype(root, cfg)
     ensure_distributed(cpu=True)
-    model = spec.build_model(device="meta")
+    # the checkpoint's own layout (e.g. MoE layers stacked or per layer), as Megatron-LM would load it
+    model = build_gpt(single_process(ns), spec.hook_settings(), device="meta")
     plan = build_plan(spec, mcore_shapes(model))
     bar = Progress(len(plan.jobs), 0, "export", enabled=progress)
 

@@ -8,10 +8,8 @@ replayed on the real tensor with as_strided.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import io
-import json
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,27 +19,7 @@ import torch
 
 from .errors import ConversionError
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CONTENT_METADATA = {"singleton_local_shards": False}
-
-
-def release_dir(root: Path) -> Path:
-    return root / "release"
-
-
-def find_checkpoint(root: str | Path) -> Path:
-    """The torch_dist directory of a Megatron-LM checkpoint root (via the tracker file), or the directory itself."""
-    root = Path(root)
-    if (root / "metadata.json").is_file():
-        return root
-    tracker = root / TRACKER
-    if not tracker.is_file():
-        raise ConversionError(f"{root} is not a Megatron checkpoint (no {TRACKER} and no metadata.json)")
-    tag = tracker.read_text().strip()
-    sub = root / ("release" if tag == "release" else f"iter_{int(tag):07d}" if tag.isdigit() else tag)
-    if not (sub / "metadata.json").is_file():
-        raise ConversionError(f"{sub} (named by {tracker}) is not a torch_dist checkpoint")
-    return sub
 
 
 def _strategy_class():
@@ -385,49 +363,33 @@ def params_from_checkpoint(model, reader: ChunkReader, names: list[str]):
         yield name, buf
 
 
-def megatron_lm_common(spec, tp: int, pp: int, ep: int, etp: int | None, dtype: torch.dtype) -> dict:
-    """What Megatron-LM's load_checkpoint reads from the common state for a --finetune / release load."""
-    args = argparse.Namespace(**spec.megatron_args(tp))
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
-    args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, etp or tp
-    args.encoder_tensor_model_parallel_size = args.encoder_pipeline_model_parallel_size = 0
-    args.virtual_pipeline_model_parallel_size = None
-    args.no_save_rng = args.no_save_optim = True
-    args.ckpt_format, args.use_dist_ckpt = "torch_dist", True
-    args.params_dtype = dtype
-    args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
-    args.iteration, args.consumed_train_samples, args.consumed_valid_samples = 0, 0, 0
-    return {"args": args, "checkpoint_version": 3.0, "iteration": 0}
-
-
 def save_model(model, root: str | Path, spec, *, overwrite: bool = False, extra=None) -> Path:
-    """Save a live (possibly parallel) model as a Megatron-LM checkpoint root (tracker + release/), the way
-    training saves it; every rank calls. Written under a temporary sibling and renamed by rank 0 when complete.
+    """Save a live (possibly parallel) model as a Megatron-LM checkpoint root (layout.py), the way training saves
+    it; every rank calls. Written under a temporary sibling and renamed by rank 0 when complete.
     `extra(release_dir)` runs on every rank before the rename (e.g. ModelOpt's state)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
+    from . import layout
     from .atomic import atomic_dir_all_ranks
+    from .model import parallel_sizes
     from .runtime import cpu_patches
 
     root = Path(root)
-    sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-             ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+    ns = spec.megatron_namespace(*parallel_sizes(), dtype=model.config.params_dtype)
     with atomic_dir_all_ranks(root, overwrite) as tmp:
-        out = release_dir(tmp)
+        out = layout.release_dir(tmp)
         out.mkdir(parents=True, exist_ok=True)
         with cpu_patches():  # ModelOpt's quantizer state synchronizes CUDA when it is read
             sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
-            sharded.update(megatron_lm_common(spec, *sizes, model.config.params_dtype))
+            sharded.update(layout.common_state(ns))
             # DCP's synchronous writer, as for convert (megatron's default strategy forks a manager process)
             dist_checkpointing.save(sharded, str(out), sharded_strategy=_strategy_class()(None),
                                     content_metadata=dict(CONTENT_METADATA))
             if extra is not None:
                 extra(out)
         if dist.get_rank() == 0:
-            (tmp / TRACKER).write_text("release")
-            (tmp / "hf_config.json").write_text(json.dumps(spec.hf_config, indent=2))
+            layout.write_root(tmp, root, spec, ns, spec.hook_settings())
     return root
 
 
@@ -437,6 +399,8 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from .runtime import cpu_patches
+
+    from .layout import find_checkpoint
 
     ckpt = find_checkpoint(ckpt_dir)
     with cpu_patches():
@@ -450,9 +414,3 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
             raise ConversionError(f"cannot load {ckpt}: {str(exc).splitlines()[0][:500]}") from exc
         own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
-
-
-def load_common(ckpt_dir: str | Path) -> dict:
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(str(find_checkpoint(ckpt_dir)))

@@ -207,24 +207,25 @@ def quantize(model, fmt: str, calib: Callable | list[torch.Tensor], *, quantize_
 # ---- the command: source -> quantized checkpoint (+ HF deployment export) + report ---------------------------
 def _source(src: Path, like: Path | None, device: str, family: str | None):
     """(spec, model, HF directory for the tokenizer and config) for an HF directory or a Megatron checkpoint."""
+    from . import layout
     from .derive import derive
     from .export import source_config
     from .live import megatron_model
-    from .mcore_io import find_checkpoint, load_into
+    from .mcore_io import load_into
     from .runtime import ensure_distributed
 
     if (src / "config.json").is_file():
         spec = derive(src, family=family)
         return spec, megatron_model(src, device=device, dtype="bf16", family=family), like or src
-    ckpt = find_checkpoint(src)
+    ckpt = layout.find_checkpoint(src)
     if (ckpt / "modelopt_state").is_dir():
         raise ConversionError(f"{src} is already quantized (it has modelopt_state/); start from the unquantized model")
-    manifest = ckpt.parent / "hf2mcore.json"
-    hf_src = Path(json.loads(manifest.read_text())["source"]) if manifest.is_file() else None
-    hf_dir = like or (hf_src if hf_src is not None and hf_src.is_dir() else None)
+    root = layout.root_of(ckpt)
+    hf_src = layout.manifest(root).get("source")
+    hf_dir = like or (Path(hf_src) if hf_src and Path(hf_src).is_dir() else None)
     if hf_dir is None:
         raise ConversionError(f"{src}: pass --like HF_DIR (the tokenizer and config.json of the model)")
-    spec = derive(source_config(ckpt.parent, ckpt, like), family=family)
+    spec = derive(source_config(root, layout.megatron_view(root, ckpt)[0], like), family=family)
     ensure_distributed()
     model = spec.build_model(device=device, dtype=torch.bfloat16)
     load_into(model, ckpt)
@@ -246,7 +247,6 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     from transformers import AutoTokenizer
 
     from .atomic import atomic_dir, refuse_existing
-    from .convert import write_args
     from .mcore_io import save_model
 
     _require_cuda(device)
@@ -284,7 +284,6 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
         from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
         save_sharded_modelopt_state([model], str(release))
-        write_args(release.parent, spec, 1, 1, 1, None, torch.bfloat16)
         (release.parent / "quant_report.json").write_text(json.dumps(report, indent=2))
 
     if export_hf is not None:
@@ -302,13 +301,14 @@ def load_quantized(ckpt_dir: str | Path, device: str = "cuda", family: str | Non
     (the quantizer modules), then the weights and scales."""
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
 
+    from . import layout
     from .derive import derive
-    from .mcore_io import find_checkpoint, load_into
+    from .mcore_io import load_into
     from .runtime import cpu_patches, ensure_distributed
 
     _mtq()
-    ckpt = find_checkpoint(ckpt_dir)
-    spec = derive(ckpt.parent / "hf_config.json", family=family)
+    ckpt = layout.find_checkpoint(ckpt_dir)
+    spec = derive(layout.recorded_hf_config(layout.root_of(ckpt)) or {}, family=family)
     ensure_distributed()
     model = spec.build_model(device=device, dtype=torch.bfloat16)
     with torch.no_grad():  # restoring runs the weight quantizers once (to size their scales): weights must be

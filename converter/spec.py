@@ -2,7 +2,6 @@
 (Megatron-LM flags, megatron-core TransformerConfig, the GPTModel itself)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -10,10 +9,37 @@ from typing import Any
 
 import torch
 
+from . import megatron_fields
 from .errors import ConversionError
 
 # Megatron-core's llama3 rope scaling hard-codes these (rotary_pos_embedding._apply_scaling defaults).
 MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# MLATransformerConfig's yarn defaults, which no Megatron-LM flag changes
+MCORE_MLA_YARN = {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}
+HOOK_MODULE = "hf2mcore_spec"  # the --spec module convert writes beside the checkpoint (megatron_hooks.py)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Something of the HF model that Megatron-LM's flags cannot express."""
+    field: str  # the HF config field
+    what: str
+    upstream: str  # the smallest Megatron-LM change that would express it
+    fix: dict | None  # hook settings that apply it from outside (None: no fix)
+
+    @property
+    def measured(self) -> str:
+        return MEASURED.get(self.field, "not measured")
+
+
+# The error each gap causes, measured with Megatron-LM's own loader on tiny random models of the real configs
+# (tests/test_megatron_lm.py checks these figures still hold, and that the hook removes the error).
+MEASURED = {
+    "rope_scaling.factor": "1.5e-3 at 160 tokens (Llama-3.2, factor 32; 5.8e-4 for Llama 4's 16), growing with length",
+    "rope_scaling.low_freq_factor/high_freq_factor": "1.0e-1 at 160 tokens (Llama 4: low 1, high 1)",
+    "no_rope_layers": "2.4e-1 at 160 tokens (Llama 4, every other layer NoPE)",
+    "rope_scaling.beta_fast/beta_slow/original_max_position_embeddings": "4.4e-1 at 160 tokens (Kimi-K2: betas 1, 1)",
+}
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,7 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     norm_epsilon: float
-    activation: str = "swiglu"  # swiglu | geglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped)
+    activation: str = "swiglu"  # swiglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped)
     glu_clamp: float | None = None
     window: int | None = None  # sliding-window attention: keys per query, itself included
     window_layers: tuple[int, ...] | None = None  # 1 = the layer attends through the window; None = every layer
@@ -94,161 +120,112 @@ class ModelSpec:
         """HF's row count, padded only when TP does not divide it (export drops the padding)."""
         return math.ceil(self.vocab_size / tp) * tp
 
-    def megatron_args(self, tp: int = 1) -> dict[str, Any]:
-        """Megatron-LM flags (name without dashes, '-' -> '_'); value True for value-less flags."""
-        a: dict[str, Any] = {
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "ffn_hidden_size": self.ffn_hidden_size,
-            "num_attention_heads": self.num_attention_heads,
-        }
+    def megatron_namespace(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                           dtype: torch.dtype = torch.float32, exact: bool = False) -> dict[str, Any]:
+        """Megatron-LM's argument namespace for this model (destinations and parsed values): the one translation
+        of the spec into Megatron terms; megatron_fields turns it into flags, config, saved args and back.
+        `exact`: name the hook module that also applies what no flag expresses (`gaps()`)."""
+        a: dict[str, Any] = dict(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                                 ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads)
+        # MLA: Megatron-LM's validate_args sets hidden/heads, unused by MLA's own head sizes
+        a["kv_channels"] = self.kv_channels if self.mla is None else self.hidden_size // self.num_attention_heads
         if self.mla is None:
-            a["kv_channels"] = self.kv_channels
             if self.num_query_groups != self.num_attention_heads:
-                a["group_query_attention"] = True
-                a["num_query_groups"] = self.num_query_groups
-        a.update(normalization="RMSNorm", norm_epsilon=self.norm_epsilon)
+                a.update(group_query_attention=True, num_query_groups=self.num_query_groups)
+        a.update(normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon)
         if self.activation == "clamped_swiglu":
-            a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=_num(self.glu_clamp))
+            a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
         else:
-            a["swiglu" if self.activation == "swiglu" else "geglu"] = True
-        if self.window:
-            a["window_size"] = f"{self.window - 1},0"
+            a["swiglu"] = True
+        if self.window:  # megatron-core counts the keys before the query: HF's window includes the query itself
+            a["window_size"] = (self.window - 1, 0)
             if self.window_layers:
-                a["window_attn_skip_freq"] = _pattern(self.window_layers)
+                a["window_attn_skip_freq"] = list(self.window_layers)
         if self.attention_sinks:
             a["softmax_type"] = "learnable"
         if self.nope_layers:
-            a["no_rope_freq"] = _pattern(self.nope_layers)
-        if self.qk_l2_norm:
-            a["qk_l2_norm"] = True
-        if not self.add_bias_linear:
-            a["disable_bias_linear"] = True
-        if self.add_qkv_bias:
-            a["add_qkv_bias"] = True
-        if self.qk_layernorm:
-            a["qk_layernorm"] = True
-        if not self.tie_word_embeddings:
-            a["untie_embeddings_and_output_weights"] = True
+            a["no_rope_freq"] = list(self.nope_layers)
+        a.update(qk_l2_norm=self.qk_l2_norm, add_bias_linear=self.add_bias_linear, add_qkv_bias=self.add_qkv_bias,
+                 qk_layernorm=self.qk_layernorm, untie_embeddings_and_output_weights=not self.tie_word_embeddings,
+                 attention_softmax_in_fp32=True)  # as HF's attention computes its softmax
         r = self.rope
-        a["position_embedding_type"] = "yarn" if r.kind == "yarn" and self.mla is None else "rope"
-        a["rotary_base"] = _num(r.theta)
-        a["rotary_percent"] = _num(r.percent)
+        a.update(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
+                 rotary_base=int(r.theta), rotary_percent=r.percent, rotary_interleaved=r.interleaved)
         if r.kind == "llama3":
-            a["use_rope_scaling"] = True
-            a["rope_scaling_factor"] = _num(r.factor)
-        if r.interleaved:
-            a["rotary_interleaved"] = True
+            a.update(use_rope_scaling=True, rope_scaling_factor=r.factor)
         if r.kind == "yarn":
-            a.update(rotary_scaling_factor=_num(r.factor), original_max_position_embeddings=r.original_max_position_embeddings,
-                     beta_fast=_num(r.beta_fast), beta_slow=_num(r.beta_slow), mscale=_num(r.mscale),
-                     mscale_all_dim=_num(r.mscale_all_dim))
-        a["max_position_embeddings"] = self.max_position_embeddings
-        a["seq_length"] = min(self.max_position_embeddings, 4096)
+            a.update(rotary_scaling_factor=r.factor, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim)
+            if self.mla is None:
+                a.update(yarn_original_max_position_embeddings=r.original_max_position_embeddings,
+                         yarn_beta_fast=r.beta_fast, yarn_beta_slow=r.beta_slow,
+                         yarn_correction_range_round_to_int=r.truncate)
+        a.update(max_position_embeddings=self.max_position_embeddings,
+                 seq_length=min(self.max_position_embeddings, 4096))
         if self.mla is not None:
             m = self.mla
-            a["multi_latent_attention"] = True
-            if m.q_lora_rank:
-                a["q_lora_rank"] = m.q_lora_rank
-            a.update(kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
-                     qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim)
+            a.update(multi_latent_attention=True, q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+                     qk_head_dim=m.qk_head_dim, qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+                     rope_type="yarn" if r.kind == "yarn" else "rope")
         if self.moe is not None:
             e = self.moe
-            a.update(num_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk)
-            if any(p == 0 for p in e.layer_pattern):
-                a["moe_layer_freq"] = _pattern(e.layer_pattern)
-            if e.shared_expert_size:
-                a["moe_shared_expert_intermediate_size"] = e.shared_expert_size
-            if e.shared_expert_gate:
-                a["moe_shared_expert_gate"] = True
-            if e.probs_on_input:
-                a["moe_apply_probs_on_input"] = True
-            a["moe_router_score_function"] = e.score_function
-            if e.pre_softmax:
-                a["moe_router_pre_softmax"] = True
-            if e.expert_bias:
-                a["moe_router_enable_expert_bias"] = True
-            if e.num_groups:
-                a["moe_router_num_groups"] = e.num_groups
-                a["moe_router_group_topk"] = e.group_topk
-            if e.topk_scaling_factor is not None:
-                a["moe_router_topk_scaling_factor"] = _num(e.topk_scaling_factor)
+            # all-MoE: the int 1, as Megatron-LM's default, so megatron-core stacks the layers as training does
+            freq = 1 if all(e.layer_pattern) else list(e.layer_pattern)
+            a.update(num_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk,
+                     moe_layer_freq=freq, moe_shared_expert_intermediate_size=e.shared_expert_size or None,
+                     moe_shared_expert_gate=e.shared_expert_gate, moe_apply_probs_on_input=e.probs_on_input,
+                     moe_router_score_function=e.score_function, moe_router_pre_softmax=e.pre_softmax,
+                     moe_router_enable_expert_bias=e.expert_bias, moe_router_num_groups=e.num_groups,
+                     moe_router_group_topk=e.group_topk, moe_router_topk_scaling_factor=e.topk_scaling_factor,
+                     moe_router_dtype="fp32")  # HF routes in fp32 whatever the weights' dtype
         # Pinned so the Megatron vocabulary is HF's at this TP (no 128*TP default padding).
-        a["padded_vocab_size"] = self.padded_vocab_size(tp)
-        a["make_vocab_size_divisible_by"] = 1
-        return a
-
-    def transformer_config(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-                           dtype: torch.dtype = torch.float32, **overrides):
-        """The megatron-core TransformerConfig (MLATransformerConfig for MLA) for this model."""
-        import torch.nn.functional as F
-        from megatron.core.transformer import MLATransformerConfig, TransformerConfig
-
-        kw: dict[str, Any] = dict(
-            num_layers=self.num_layers, hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
-            kv_channels=self.kv_channels, normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
-            gated_linear_unit=True, add_bias_linear=self.add_bias_linear, add_qkv_bias=self.add_qkv_bias,
-            qk_layernorm=self.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
-            bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-            masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-            use_cpu_initialization=True, perform_initialization=False,
-            params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp,
-            sequence_parallel=False,
-        )
-        kw["activation_func"] = F.silu if self.activation == "swiglu" else (
-            lambda x: F.gelu(x, approximate="tanh"))
-        if self.activation == "clamped_swiglu":
-            from megatron.core.fusions.fused_bias_geglu import quick_gelu
-
-            kw.update(activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
-        if self.window:  # megatron-core counts the keys before the query: HF's window includes the query itself
-            kw.update(window_size=(self.window - 1, 0),
-                      window_attn_skip_freq=list(self.window_layers) if self.window_layers else None)
-        if self.attention_sinks:
-            kw["softmax_type"] = "learnable"
-        if self.nope_layers:
-            kw["no_rope_freq"] = list(self.nope_layers)
-        kw.update(qk_l2_norm=self.qk_l2_norm, rotary_interleaved=self.rope.interleaved)
+        a.update(padded_vocab_size=self.padded_vocab_size(tp), make_vocab_size_divisible_by=1)
+        a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         if self.moe is not None:
-            e = self.moe
-            kw.update(num_moe_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk,
-                      moe_layer_freq=list(e.layer_pattern), moe_router_score_function=e.score_function,
-                      moe_router_pre_softmax=e.pre_softmax, moe_router_enable_expert_bias=e.expert_bias,
-                      moe_router_num_groups=e.num_groups, moe_router_group_topk=e.group_topk,
-                      moe_router_topk_scaling_factor=e.topk_scaling_factor, moe_grouped_gemm=False,
-                      moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
-                      moe_router_load_balancing_type="none",
-                      moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
-                      moe_shared_expert_intermediate_size=e.shared_expert_size or None,
-                      moe_shared_expert_gate=e.shared_expert_gate, moe_apply_probs_on_input=e.probs_on_input)
-        cls = TransformerConfig
-        if self.mla is not None:
-            m, r = self.mla, self.rope
-            cls = MLATransformerConfig
-            kw.pop("kv_channels")
-            kw.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
-                      qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
-                      rotary_base=r.theta, rope_type="yarn" if r.kind == "yarn" else "rope")
-            if r.kind == "yarn":
-                kw.update(rotary_scaling_factor=r.factor,
-                          original_max_position_embeddings=r.original_max_position_embeddings,
-                          beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale,
-                          mscale_all_dim=r.mscale_all_dim)
-        kw.update(overrides)
-        try:
-            config = cls(**kw)
-        except (AssertionError, ValueError) as exc:
-            raise ConversionError(f"megatron-core rejects the derived config at tp={tp} pp={pp} ep={ep}: {exc}") from exc
-        if self.mla is None and self.rope.kind == "yarn":  # GPTModel reads these attributes; they are not fields
-            r = self.rope
-            for k, v in dict(rotary_scaling_factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings,
-                             beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale,
-                             mscale_all_dim=r.mscale_all_dim, correction_range_round_to_int=r.truncate).items():
-                setattr(config, "yarn_" + k, v)
-        return config
+            a.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
+        a.update(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, transformer_impl="local")
+        if self.hook_settings(exact) is not None:
+            a["spec"] = [HOOK_MODULE, "layer_spec"]
+        return megatron_fields.namespace(**{k: v for k, v in a.items() if v is not None})
+
+    def gaps(self) -> list[Gap]:
+        """What Megatron-LM's flags cannot express for this model, each with the fix the hook applies."""
+        out, r = [], self.rope
+        if r.kind == "llama3" and r.factor != 8.0:
+            out.append(Gap("rope_scaling.factor", f"llama3 rope factor {_num(r.factor)}: Megatron-LM's "
+                           "gpt_config_from_args never passes --rope-scaling-factor to GPTModel, which uses 8",
+                           "gpt_config_from_args: rope_scaling_factor=args.rope_scaling_factor "
+                           "(NVIDIA/Megatron-LM#6306)", {"rope_scaling_factor": r.factor}))
+        llama3 = dict(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                      original_max_position_embeddings=r.original_max_position_embeddings)
+        if r.kind == "llama3" and tuple(llama3.values()) != tuple(MCORE_LLAMA3.values()):
+            out.append(Gap("rope_scaling.low_freq_factor/high_freq_factor", f"llama3 rope {llama3}: megatron-core's "
+                           f"RotaryEmbedding fixes {MCORE_LLAMA3}",
+                           "RotaryEmbedding: take the llama3 constants from the config (new fields and flags)",
+                           {"llama3": llama3}))
+        if self.qk_l2_norm and self.nope_layers and any(self.nope_layers):
+            out.append(Gap("no_rope_layers", "the q/k L2 norm: Megatron-LM applies it on every layer, HF only on "
+                           "the layers that rotate", "get_gpt_decoder_block_spec: no qk_l2_norm on no_rope_freq layers",
+                           {"qk_l2_norm_layers": [1 - n for n in self.nope_layers]}))
+        if self.mla is not None and r.kind == "yarn":
+            want = dict(beta_fast=r.beta_fast, beta_slow=r.beta_slow,
+                        original_max_position_embeddings=r.original_max_position_embeddings)
+            if want != MCORE_MLA_YARN:
+                out.append(Gap("rope_scaling.beta_fast/beta_slow/original_max_position_embeddings",
+                               f"MLA yarn {want}: no flag reaches MLATransformerConfig's, which keeps {MCORE_MLA_YARN}",
+                               "arguments.py: map --yarn-beta-fast/--yarn-beta-slow/--yarn-original-max-position-"
+                               "embeddings onto MLATransformerConfig", {"mla_config": want}))
+        if r.theta != int(r.theta):
+            out.append(Gap("rope_theta", f"rope_theta={r.theta}: Megatron-LM's --rotary-base is an integer",
+                           "arguments.py: --rotary-base type=float", None))
+        return out
+
+    def hook_settings(self, exact: bool = False) -> dict | None:
+        """Settings of the --spec hook (megatron_hooks), or None when Megatron-LM's own specs build the model."""
+        s: dict[str, Any] = {"mla": True} if self.mla is not None else {}
+        if exact:
+            for gap in self.gaps():
+                s.update(gap.fix or {})
+        return s or None
 
     def check_parallel(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> None:
         """Explain, before any work, why the model cannot be split this way."""
@@ -272,81 +249,20 @@ class ModelSpec:
         if problems:
             raise ConversionError("cannot split the model: " + "; ".join(problems))
 
-    def build_model(self, device: str = "meta", dtype: torch.dtype = torch.float32, *, pre_process: bool | None = None,
-                    post_process: bool | None = None, vp_stage: int | None = None, **config_overrides):
-        """The megatron-core GPTModel this converter targets (local spec, per-expert MoE).
-
-        Uses the current parallel state; starts a process group of one when none exists.
-        """
+    def build_model(self, device: str = "meta", dtype: torch.dtype = torch.float32, *, exact: bool = False,
+                    **kw):
+        """The megatron-core GPTModel that Megatron-LM builds from this model's flags (model.build_gpt)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-        from .runtime import cpu_patches, ensure_distributed
+        from .model import build_gpt, parallel_sizes
+        from .runtime import ensure_distributed
 
         if not ps.model_parallel_is_initialized():
             ensure_distributed()
-        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
-        self.check_parallel(tp, pp, ep, etp)
-        config = self.transformer_config(tp, pp, ep, etp, dtype=dtype, **config_overrides)
-        if pre_process is None:
-            pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-        if post_process is None:
-            post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
-                                                vp_stage=vp_stage)
-        if self.mla is not None or self.qk_l2_norm:
-            layer_spec = self._local_layer_specs(layer_spec, config, vp_stage)
-        r = self.rope
-        custom_llama3 = r.kind == "llama3" and (r.low_freq_factor, r.high_freq_factor,
-                                                r.original_max_position_embeddings) != tuple(MCORE_LLAMA3.values())
-        kwargs = dict(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
-                      rotary_base=r.theta, rotary_percent=r.percent,
-                      rope_scaling=r.kind == "llama3" and not custom_llama3,
-                      rope_scaling_factor=r.factor if r.kind == "llama3" else 8.0)
-        # MLA's yarn embedding asks torch.cuda for a device even with use_cpu_initialization.
-        with torch.device("cpu" if device == "cpu" else device), cpu_patches():
-            model = GPTModel(config=config, transformer_layer_spec=layer_spec,
-                             vocab_size=self.padded_vocab_size(tp), max_sequence_length=self.max_position_embeddings,
-                             pre_process=pre_process, post_process=post_process,
-                             share_embeddings_and_output_weights=self.tie_word_embeddings,
-                             parallel_output=False, vp_stage=vp_stage, **kwargs)
-        if custom_llama3:
-            # megatron-core's llama3 scaling takes only the factor; apply HF's other constants with its own code
-            rope = model.rotary_pos_emb
-            rope.inv_freq = rope._apply_scaling(rope.inv_freq, factor=r.factor, low_freq_factor=r.low_freq_factor,
-                                                high_freq_factor=r.high_freq_factor,
-                                                original_max_position_embeddings=r.original_max_position_embeddings)
-        if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
-            model = model.to(device)
-        return model
-
-    def _local_layer_specs(self, block_spec, config, vp_stage):
-        """Per-layer edits megatron-core's local block spec needs (it shares one spec object among its layers,
-        so each layer gets its own copy): MLA's core attention, which the local DotProductAttention cannot be
-        (separate k/v head sizes), without a q norm when q is not compressed (DeepSeek-V2-Lite); and Llama 4's
-        weightless q/k norms, which HF applies only on the layers that rotate."""
-        from megatron.core.transformer.identity_op import IdentityOp
-        from megatron.core.transformer.torch_norm import L2Norm
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-        from .mla_attention import LocalMLACoreAttention, LocalMLASelfAttention
-
-        block_spec = copy.copy(block_spec)
-        block_spec.layer_specs = [copy.deepcopy(layer) for layer in block_spec.layer_specs]
-        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)  # this stage's first global layer
-        for i, layer in enumerate(block_spec.layer_specs):
-            attn = layer.submodules.self_attention.submodules
-            if self.mla is not None:
-                layer.submodules.self_attention.module = LocalMLASelfAttention
-                attn.core_attention = LocalMLACoreAttention
-                if self.mla.q_lora_rank is None:
-                    attn.q_layernorm = IdentityOp
-            if self.qk_l2_norm:
-                nope = bool(self.nope_layers and self.nope_layers[offset + i])
-                attn.q_layernorm = attn.k_layernorm = IdentityOp if nope else L2Norm
-        return block_spec
+        sizes = parallel_sizes()
+        self.check_parallel(*sizes)
+        return build_gpt(self.megatron_namespace(*sizes, dtype=dtype, exact=exact), self.hook_settings(exact),
+                         device=device, **kw)
 
     def replace(self, **kw) -> "ModelSpec":
         return dataclasses.replace(self, **kw)
@@ -357,6 +273,3 @@ def _num(x: float):
     return int(x) if float(x).is_integer() else x
 
 
-def _pattern(layers) -> str:
-    """A per-layer 0/1 list as Megatron-LM parses it, e.g. [1,0,1,0]."""
-    return "[" + ",".join(map(str, layers)) + "]"

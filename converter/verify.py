@@ -6,9 +6,12 @@ from pathlib import Path
 
 import torch
 
+from . import layout
 from .derive import derive
 from .errors import ConversionError
-from .mcore_io import find_checkpoint, load_into
+from .export import single_process
+from .mcore_io import load_into
+from .model import build_gpt
 from .runtime import causal_mask, cpu_patches, ensure_distributed
 
 SAMPLE_TEXT = (
@@ -54,17 +57,21 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text: str = SAMPLE_TEXT,
            family: str | None = None, tol: float = 1e-5) -> dict:
-    """Both models run in fp32 from the same (checkpoint-dtype) weights, so only kernel order differs."""
+    """HF's logits against those of the model Megatron-LM builds from the checkpoint's megatron_args.sh as written
+    (its flags and --spec hook; a training checkpoint's saved args), loaded strictly. Both run in fp32 from the
+    same (checkpoint-dtype) weights, so where Megatron-LM represents the model only kernel order differs."""
     from transformers import AutoModelForCausalLM
 
     hf_dir = Path(hf_dir)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConversionError("--device cuda: no CUDA GPU is visible")
     spec = derive(hf_dir, family=family)
-    ckpt = find_checkpoint(mcore_dir)
+    ckpt = layout.find_checkpoint(mcore_dir)
+    ns, settings = layout.megatron_view(layout.root_of(ckpt), ckpt)
     dt = checkpoint_dtype(ckpt)
     ensure_distributed()
-    model = spec.build_model(device="cpu", dtype=torch.float32)
+    ns = {**single_process(ns), "bf16": False, "fp16": False}  # fp32 compute from the checkpoint's values
+    model = build_gpt(ns, settings, device="cpu")
     load_into(model, ckpt)
     model = model.to(device).eval()
     ids = token_ids(hf_dir, text, spec.vocab_size)
@@ -74,7 +81,7 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
     with torch.no_grad():
         ref = hf(ids.to(device)).logits.float().cpu()
     report = {"hf": str(hf_dir), "megatron": str(ckpt), "checkpoint_dtype": str(dt).removeprefix("torch."),
-              **compare(out, ref), "tolerance": tol}
+              **compare(out, ref), "tolerance": tol, "megatron_lm_gaps": layout.gap_lines(spec, settings)}
     report["ok"] = report["rel_err"] <= tol and report["top1_agreement"] == 1.0
     return report
 

@@ -27,10 +27,15 @@ FAMILY_CONFIGS = [
     "transformers:glm4_moe:Glm4MoeForCausalLM",  # GLM-4.5: partial rotary, qkv-only bias, sigmoid MoE, shared expert
     "openai/gpt-oss-20b",  # sinks, alternating sliding window, yarn (not truncated), packed experts, clamped GLU
     "meta-llama/Llama-4-Scout-17B-16E-Instruct:text",  # NoPE, L2 q/k norm, llama3 rope (high 1), top-1 on input
+    "deepseek-ai/DeepSeek-V3#kimi-k2",  # Kimi-K2: DeepSeek-V3's layout, yarn betas 1, 1
 ]
 # optional features a family's defaults leave off, switched on so the tests see them
 OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
                                                           "routed_scaling_factor": 2.5},
+             # Kimi-K2's rope_scaling (its config.json is DeepSeek-V3's with these values)
+             "deepseek-ai/DeepSeek-V3#kimi-k2": {"rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
+                                                                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                                  "original_max_position_embeddings": 4096}},
              # two layers: one NoPE, one dense
              "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
                                                                 "interleave_moe_layer_step": 2}}
@@ -48,7 +53,7 @@ def tiny_models(tmp_path_factory):
         key = (name, dtype)
         if key not in cache:
             cfg = {**shrink(real_config(name)), **OVERRIDES.get(name, {})}
-            cache[key] = make_model(cfg, root / f"{name.replace('/', '_').replace(':', '_')}_{dtype}",
+            cache[key] = make_model(cfg, root / f"{name.replace('/', '_').replace(':', '_').replace('#', '_')}_{dtype}",
                                     dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         return cache[key]
 

@@ -34,8 +34,10 @@ def assert_bit_exact(a_dir, b_dir):
 
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_family_converts_verifies_and_round_trips(name, tiny_models, tmp_path):
+    """verify checks the model Megatron-LM builds from the written file: with --exact, the hook covers what the
+    flags cannot say (test_megatron_lm.py has Megatron-LM itself judge both)."""
     hf = tiny_models(name)
-    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False, exact=True)
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert {"metadata.json", ".metadata"} <= {p.name for p in (out / "release").iterdir()}
     r = verify(hf, out)
@@ -47,7 +49,7 @@ def test_family_converts_verifies_and_round_trips(name, tiny_models, tmp_path):
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_bf16_round_trip_is_bit_exact(name, tiny_models, tmp_path):
     hf = tiny_models(name, "bf16")
-    out = convert(hf, tmp_path / "mc", dtype="bf16", progress=False)
+    out = convert(hf, tmp_path / "mc", dtype="bf16", progress=False, exact=True)
     assert_bit_exact(hf, export(out, tmp_path / "back", progress=False))
     assert verify(hf, out)["ok"]
 
@@ -61,6 +63,17 @@ def test_smollm2_real_model(smollm2, tmp_path):
     assert (back / "tokenizer.json").is_file()
     args = (out / "megatron_args.sh").read_text()
     assert "--num-query-groups 3" in args and "--untie-embeddings-and-output-weights" not in args
+
+
+def test_verify_judges_the_written_file(tiny_models, tmp_path):
+    """Without --exact, Llama-3.2's file gives Megatron-LM rope factor 8: verify builds that model, fails, and
+    names the gap; the CLI says so and exits 1."""
+    hf = tiny_models("meta-llama/Llama-3.2-1B")
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
+    r = verify(hf, out)
+    assert not r["ok"] and r["rel_err"] > 1e-4 and r["megatron_lm_gaps"][0].startswith("rope_scaling.factor")
+    c = _cli("verify", hf, out)
+    assert c.returncode == 1 and "FAILED" in c.stdout and "rope_scaling.factor" in c.stdout, c.stdout + c.stderr
 
 
 def test_smollm2_bf16_round_trip(smollm2, tmp_path):
@@ -273,20 +286,18 @@ def test_export_without_like_from_megatron_lm_arguments(name, tiny_models, tmp_p
         (out / f).unlink()
     back = export(out, tmp_path / "back", progress=False)
     assert_bit_exact(hf, back)
-    assert derive(back).megatron_args() == derive(hf).megatron_args()
+    assert derive(back).megatron_namespace() == derive(hf).megatron_namespace()
     assert json.loads((back / "config.json").read_text())["architectures"] == \
         json.loads((hf / "config.json").read_text())["architectures"]
 
 
 def test_export_without_like_refuses_what_arguments_cannot_name(tmp_path):
-    from argparse import Namespace
-
     from converter.from_args import hf_config_from_args
 
     with pytest.raises(ConversionError, match="--multi-latent-attention"):
-        hf_config_from_args(Namespace(multi_latent_attention=True))
+        hf_config_from_args({"multi_latent_attention": True})
     with pytest.raises(ConversionError, match="RMSNorm"):
-        hf_config_from_args(Namespace(normalization="LayerNorm", swiglu=False))
+        hf_config_from_args({"normalization": "LayerNorm"})
 
 
 def test_llama4_multimodal_checkpoint_converts_its_language_model(tiny_models, tmp_path):

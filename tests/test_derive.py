@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from converter import ConversionError, derive
+from converter import megatron_fields
 from converter.derive import hf_param_count, mcore_param_count
+from converter.model import transformer_config
 from tiny import CONFIGS, real_config
 
 ALL = sorted(p.split("hf_configs/")[1].removesuffix("/config.json")
@@ -32,7 +34,7 @@ def test_all_configs_are_covered():
 
 
 def _args(name, tp=1):
-    return derive(CONFIGS / name).megatron_args(tp)
+    return derive(CONFIGS / name).megatron_namespace(tp)
 
 
 # Architectural flags of Megatron-LM's examples/post_training/modelopt/conf files, with HF's values where the
@@ -40,28 +42,28 @@ def _args(name, tp=1):
 CONF = {
     "meta-llama/Llama-3.1-8B-Instruct": dict(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, group_query_attention=True,
-        num_query_groups=8, kv_channels=128, normalization="RMSNorm", norm_epsilon=1e-5, swiglu=True,
-        untie_embeddings_and_output_weights=True, disable_bias_linear=True, position_embedding_type="rope",
+        num_query_groups=8, kv_channels=128, normalization="RMSNorm", layernorm_epsilon=1e-5, swiglu=True,
+        untie_embeddings_and_output_weights=True, add_bias_linear=False, position_embedding_type="rope",
         rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=8, padded_vocab_size=128256),
     "meta-llama/Llama-3.2-1B-Instruct": dict(  # conf says rope factor 8; HF says 32
         num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
-        kv_channels=64, norm_epsilon=1e-5, rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=32),
+        kv_channels=64, layernorm_epsilon=1e-5, rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=32),
     "Qwen/Qwen2.5-7B-Instruct": dict(  # conf leaves eps at 1e-5; HF says 1e-6
         num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
-        add_qkv_bias=True, norm_epsilon=1e-6, rotary_base=1000000, untie_embeddings_and_output_weights=True,
+        add_qkv_bias=True, layernorm_epsilon=1e-6, rotary_base=1000000, untie_embeddings_and_output_weights=True,
         padded_vocab_size=152064),
     "Qwen/Qwen3-8B": dict(
         num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
-        kv_channels=128, qk_layernorm=True, norm_epsilon=1e-6, rotary_base=1000000, padded_vocab_size=151936),
+        kv_channels=128, qk_layernorm=True, layernorm_epsilon=1e-6, rotary_base=1000000, padded_vocab_size=151936),
     "Qwen/Qwen3-30B-A3B": dict(
         num_layers=48, hidden_size=2048, num_attention_heads=32, num_query_groups=4, kv_channels=128,
         qk_layernorm=True, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
-        moe_router_score_function="softmax", norm_epsilon=1e-6),
+        moe_router_score_function="softmax", layernorm_epsilon=1e-6, moe_layer_freq=1),
     "deepseek-ai/DeepSeek-V2-Lite": dict(
         num_layers=27, hidden_size=2048, ffn_hidden_size=10944, num_attention_heads=16,
         multi_latent_attention=True, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
         num_experts=64, moe_router_topk=6, moe_ffn_hidden_size=1408, moe_shared_expert_intermediate_size=2816,
-        moe_layer_freq="[" + ",".join(["0"] + ["1"] * 26) + "]", moe_router_pre_softmax=True),
+        moe_layer_freq=[0] + [1] * 26, moe_router_pre_softmax=True),
     "deepseek-ai/DeepSeek-V3": dict(
         num_layers=61, multi_latent_attention=True, q_lora_rank=1536, num_experts=256, moe_router_topk=8,
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=8,
@@ -113,8 +115,8 @@ def test_family_traits():
     assert mix.moe.ffn_hidden_size == 14336
     assert derive(CONFIGS / "meta-llama/Llama-3.2-1B").tie_word_embeddings
     mistral = derive(CONFIGS / "mistralai/Mistral-7B-v0.1")  # the window includes the query itself
-    assert mistral.window == 4096 and mistral.megatron_args()["window_size"] == "4095,0"
-    assert mistral.transformer_config().window_size == (4095, 0)
+    assert mistral.window == 4096 and mistral.megatron_namespace()["window_size"] == (4095, 0)
+    assert "--window-size 4095,0" in " ".join(megatron_fields.flags(mistral.megatron_namespace()))
 
 
 @pytest.mark.parametrize("name,feature", [
@@ -129,28 +131,31 @@ def test_refusals_name_the_feature(name, feature):
 
 def test_llama4_traits():
     """Scout (multimodal wrapper, text_config): every 4th layer NoPE, L2 q/k norm, interleaved llama3 rope with
-    HF's own factors (warned: Megatron-LM's flag cannot carry them), top-1 sigmoid on the expert input."""
+    HF's own factors (a gap: Megatron-LM's flags cannot carry them), top-1 sigmoid on the expert input."""
     spec = derive(CONFIGS / "meta-llama/Llama-4-Scout-17B-16E-Instruct")
-    a = spec.megatron_args()
+    a = spec.megatron_namespace()
     assert spec.family == "llama4_multimodal" and spec.nope_layers[:4] == (0, 0, 0, 1)
-    assert a["qk_l2_norm"] and "qk_layernorm" not in a and a["rotary_interleaved"] and a["no_rope_freq"].startswith("[0,0,0,1")
+    assert a["qk_l2_norm"] and not a["qk_layernorm"] and a["rotary_interleaved"] and a["no_rope_freq"][:4] == [0, 0, 0, 1]
     assert a["moe_router_topk"] == 1 and a["moe_router_score_function"] == "sigmoid" and a["moe_apply_probs_on_input"]
     assert a["moe_shared_expert_intermediate_size"] == 8192 and a["ffn_hidden_size"] == 16384
-    assert spec.rope.high_freq_factor == 1.0 and any("high_freq_factor" in w for w in spec.warnings)
+    assert spec.rope.high_freq_factor == 1.0
+    assert {g.field for g in spec.gaps()} == {"rope_scaling.factor", "rope_scaling.low_freq_factor/high_freq_factor",
+                                             "no_rope_layers"}
+    assert "spec" not in a and spec.megatron_namespace(exact=True)["spec"] == ["hf2mcore_spec", "layer_spec"]
     assert any("attention_chunk_size=8192" in w for w in spec.warnings)
 
 
 def test_gpt_oss_traits():
     spec = derive(CONFIGS / "openai/gpt-oss-20b")
-    a = spec.megatron_args()
+    a = spec.megatron_namespace()
     assert spec.attention_sinks and a["softmax_type"] == "learnable"
-    assert a["window_size"] == "127,0" and a["window_attn_skip_freq"].startswith("[1,0,1,0")
+    assert a["window_size"] == (127, 0) and a["window_attn_skip_freq"][:4] == [1, 0, 1, 0]
     assert a["quick_geglu"] and a["glu_linear_offset"] == 1.0 and a["activation_func_clamp_value"] == 7
-    assert "disable_bias_linear" not in a and a["add_qkv_bias"] and not spec.rope.truncate
-    c = spec.transformer_config()
+    assert a["add_bias_linear"] and a["add_qkv_bias"] and not spec.rope.truncate and a["moe_layer_freq"] == 1
+    c = transformer_config(a)
     assert c.window_size == (127, 0) and c.window_attn_skip_freq[:2] == [1, 0] and c.add_bias_linear
     assert c.yarn_correction_range_round_to_int is False and c.activation_func_clamp_value == 7.0
-    assert any("truncate=false" in w for w in spec.warnings)
+    assert "--no-yarn-correction-range-round-to-int" in megatron_fields.flags(a) and not spec.gaps()
 
 
 def test_glm45_traits_from_transformers_defaults():
@@ -158,10 +163,10 @@ def test_glm45_traits_from_transformers_defaults():
     dense-first layer; attention_bias means q/k/v only. Param counts agree with HF on the meta device."""
     cfg = {**real_config("transformers:glm4_moe:Glm4MoeForCausalLM"), "head_dim": 128}  # defaults leave it out
     spec = derive({**cfg, "attention_bias": True})
-    a = spec.megatron_args()
-    assert a["rotary_percent"] == 0.5 and a["add_qkv_bias"] and a["disable_bias_linear"]
+    a = spec.megatron_namespace()
+    assert a["rotary_percent"] == 0.5 and a["add_qkv_bias"] and not a["add_bias_linear"]
     assert a["moe_router_score_function"] == "sigmoid" and a["moe_router_enable_expert_bias"]
-    assert a["moe_shared_expert_intermediate_size"] == 1408 and a["moe_layer_freq"].startswith("[0,1,")
+    assert a["moe_shared_expert_intermediate_size"] == 1408 and a["moe_layer_freq"][:3] == [0, 1, 1]
     assert mcore_param_count(spec) == hf_param_count(spec)
     with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 with yarn"):
         derive({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,

@@ -15,7 +15,9 @@ CONFIGS = next((p for p in (Path(os.environ.get("HF2MCORE_HF_CONFIGS", "/nonexis
 
 def real_config(name: str) -> dict:
     """A config of ../shared/hf_configs; `transformers:<model_type>:<Architecture>` takes transformers' class
-    defaults instead (for families without a config there; e.g. Glm4MoeConfig's defaults are GLM-4.5's)."""
+    defaults instead (for families without a config there; e.g. Glm4MoeConfig's defaults are GLM-4.5's);
+    `name#variant` is that config (conftest's OVERRIDES say what the variant changes)."""
+    name = name.split("#")[0]
     if name.endswith(":text"):  # the language model of a multimodal checkpoint, as a causal LM of its own
         cfg = json.loads((CONFIGS / name.removesuffix(":text") / "config.json").read_text())["text_config"]
         arch = cfg.get("architectures") or [f"{cfg['model_type'].removesuffix('_text').capitalize()}ForCausalLM"]

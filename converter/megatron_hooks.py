@@ -1,0 +1,108 @@
+"""The layer spec hf2mcore hands Megatron-LM through its own `--spec MODULE FUNCTION` hook.
+
+`convert` copies this file into the checkpoint as `hf2mcore_spec.py`, with its settings beside it in
+`hf2mcore_spec.json`, and `megatron_args.sh` names it (`--spec hf2mcore_spec layer_spec`, the checkpoint directory
+on PYTHONPATH). It imports nothing from hf2mcore, so the training cluster needs only Megatron-LM. hf2mcore builds
+its own models through the same function, with the settings passed in, so both build the same model.
+
+Megatron-LM's GPTModelBuilder calls `layer_spec(model_config, vp_stage=...)` before it builds GPTModel, with the
+GPTModelConfig (which proxies the TransformerConfig). What the settings may hold:
+- "mla": build multi-latent attention on the local spec (megatron-core 0.19 cannot without Transformer Engine):
+  a local core attention with separate key and value head sizes, and no q norm where q is not compressed.
+  Needed: Megatron-LM cannot build the model otherwise.
+The rest are fixes for what Megatron-LM's flags cannot express; convert writes them only with --exact:
+- "rope_scaling_factor": llama3 rope factor (gpt_config_from_args drops --rope-scaling-factor: always 8).
+- "llama3": low/high frequency factors and original context of llama3 rope (megatron-core fixes 1, 4, 8192).
+  This one is process-wide: megatron-core's RotaryEmbedding takes no such arguments.
+- "qk_l2_norm_layers": 1/0 per layer: the weightless q/k L2 norm only on the layers that rotate (Llama 4).
+- "mla_config": MLATransformerConfig fields no flag reaches (yarn beta_fast, beta_slow, original context).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+SETTINGS = Path(__file__).with_suffix(".json")
+
+
+def layer_spec(config, vp_stage=None, settings: dict | None = None):
+    """The decoder block spec for `config` (a GPTModelConfig, or a TransformerConfig), with the settings applied."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.torch_norm import L2Norm
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if settings is None:
+        settings = json.loads(SETTINGS.read_text())
+    transformer = getattr(config, "transformer", config)
+    for k, v in settings.get("mla_config", {}).items():
+        setattr(transformer, k, v)
+    if "rope_scaling_factor" in settings:
+        config.rope_scaling_factor = settings["rope_scaling_factor"]
+    if "llama3" in settings:
+        base = getattr(RotaryEmbedding._apply_scaling, "hf2mcore_original", RotaryEmbedding._apply_scaling)
+        patched = functools.partialmethod(base, **settings["llama3"])
+        patched.hf2mcore_original = base
+        RotaryEmbedding._apply_scaling = patched
+    block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=False,
+                                       normalization=transformer.normalization,
+                                       qk_l2_norm=transformer.qk_l2_norm, vp_stage=vp_stage)
+    # the local block spec shares one spec object among its layers: each layer gets its own copy to edit
+    block = copy.copy(block)
+    block.layer_specs = [copy.deepcopy(layer) for layer in block.layer_specs]
+    offset = get_transformer_layer_offset(transformer, vp_stage=vp_stage)  # this stage's first global layer
+    l2 = settings.get("qk_l2_norm_layers")
+    for i, layer in enumerate(block.layer_specs):
+        attn = layer.submodules.self_attention
+        if settings.get("mla"):
+            attn.module = LocalMLASelfAttention
+            attn.submodules.core_attention = LocalMLACoreAttention
+            if transformer.q_lora_rank is None:
+                attn.submodules.q_layernorm = IdentityOp
+        if l2 is not None:
+            attn.submodules.q_layernorm = attn.submodules.k_layernorm = L2Norm if l2[offset + i] else IdentityOp
+    return block
+
+
+class LocalMLASelfAttention(MLASelfAttention):
+    """MLA that builds exactly the projections and norms its spec names: with q/k norms but no q compression
+    (DeepSeek-V2-Lite), megatron-core 0.19 insists on a norm fused into linear_q_proj, which HF does not have."""
+
+    def _resolve_qk_norm_config(self, submodules):
+        return {k: getattr(submodules, k) for k in
+                ("linear_q_proj", "linear_q_up_proj", "linear_kv_up_proj", "q_layernorm", "kv_layernorm")}
+
+
+class LocalMLACoreAttention(MegatronModule):
+    """causal softmax(q k^T * softmax_scale) v per head, with separate key and value head sizes (megatron-core's
+    local DotProductAttention takes only one)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, k_channels=None,
+                 v_channels=None, cp_comm_type=None, pg_collection=None, attention_dropout=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("LocalMLACoreAttention: context parallelism needs Transformer Engine")
+        # Attention.__init__ first builds one with the generic arguments; MLA then replaces it with its own sizes
+        self.softmax_scale = softmax_scale or (k_channels or config.kv_channels) ** -0.5
+        self.hidden_size_per_attention_head_v = v_channels
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **_):
+        """query/key [s, b, heads, k_channels], value [s, b, heads, v_channels] -> [s, b, heads * v_channels].
+
+        attention_mask: megatron's boolean mask (True = masked) or None for plain causal attention."""
+        if packed_seq_params is not None:
+            raise ValueError("LocalMLACoreAttention: packed sequences need Transformer Engine")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -1,0 +1,103 @@
+"""The GPTModel that Megatron-LM builds from a Megatron-LM namespace (and the --spec hook's settings).
+
+The same path as pretrain_gpt.py: the TransformerConfig from the namespace (megatron_fields), the layer spec from
+the hook (megatron_hooks) or else Megatron-LM's default spec, GPTModel with the builder's arguments. Only run-time
+settings differ (RUNTIME): hf2mcore builds on the CPU or the meta device, without fused kernels or dropout.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import megatron_fields
+from .errors import ConversionError
+
+# TransformerConfig fields hf2mcore sets for its own CPU/meta models where Megatron-LM training takes other
+# values; none of them changes a weight's name, shape or the forward pass in eval mode.
+RUNTIME: dict[str, Any] = dict(
+    use_cpu_initialization=True, perform_initialization=False, hidden_dropout=0.0, attention_dropout=0.0,
+    bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+    gradient_accumulation_fusion=False, persist_layer_norm=False, sequence_parallel=False,
+    deallocate_pipeline_outputs=True, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+)
+
+
+def parallel_sizes() -> tuple[int, int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+
+
+def transformer_config(ns: dict, **overrides):
+    """The TransformerConfig (MLATransformerConfig for MLA) Megatron-LM makes from `ns`, with RUNTIME applied."""
+    kw = {**megatron_fields.transformer_config_kwargs(ns), **RUNTIME, **overrides}
+    if not torch.cuda.is_available():  # alltoall needs CUDA streams; the experts' math is the same
+        kw.setdefault("moe_token_dispatcher_type", "allgather")
+    try:
+        config = megatron_fields.config_class(ns)(**kw)
+    except (AssertionError, ValueError) as exc:
+        raise ConversionError(f"megatron-core rejects the derived config: {exc}") from exc
+    for k, v in megatron_fields.yarn_attributes(ns).items():  # GPTModel reads these attributes; not fields
+        setattr(config, k, v)
+    return config
+
+
+class _ModelConfig:
+    """What the --spec hook sees of Megatron-LM's GPTModelConfig: the TransformerConfig's attributes, and GPTModel's
+    rope_scaling_factor (which the builder passes on after the hook ran)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.rope_scaling_factor = 8.0
+
+    def __getattr__(self, name):
+        return getattr(self.transformer, name)
+
+
+def layer_spec(ns: dict, settings: dict | None, config, vp_stage: int | None):
+    """The spec Megatron-LM's GPTModelBuilder uses: the hook's, or its default for this config. Returns it and the
+    rope scaling factor GPTModel then gets."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+
+    view = _ModelConfig(config)
+    if settings is not None:
+        from . import megatron_hooks
+
+        return megatron_hooks.layer_spec(view, vp_stage=vp_stage, settings=settings), view.rope_scaling_factor
+    if config.num_moe_experts is not None:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
+                                          qk_l2_norm=config.qk_l2_norm, vp_stage=vp_stage), 8.0
+    return get_gpt_layer_local_spec(config.num_moe_experts, config.moe_grouped_gemm, config.qk_layernorm,
+                                    config.multi_latent_attention, normalization=config.normalization), 8.0
+
+
+def build_gpt(ns: dict, settings: dict | None, device: str = "meta", *, pre_process: bool | None = None,
+              post_process: bool | None = None, vp_stage: int | None = None, **config_overrides):
+    """Build this rank's GPTModel for `ns` under the current parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from .runtime import cpu_patches
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    config = transformer_config(ns, **config_overrides)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    scaling = RotaryEmbedding._apply_scaling  # the hook's llama3 fix is process-wide: this process builds others
+    try:
+        spec, factor = layer_spec(ns, settings, config, vp_stage)
+        kwargs = {**megatron_fields.gpt_model_kwargs(ns), "rope_scaling_factor": factor}
+        # MLA's yarn embedding asks torch.cuda for a device even with use_cpu_initialization.
+        with torch.device("cpu" if device == "cpu" else device), cpu_patches():
+            model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=pre_process,
+                             post_process=post_process, parallel_output=False, vp_stage=vp_stage, **kwargs)
+    finally:
+        RotaryEmbedding._apply_scaling = scaling
+    if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
+        model = model.to(device)
+    return model
