@@ -249,9 +249,10 @@ class ModelSpec:
         if problems:
             raise ConversionError("cannot split the model: " + "; ".join(problems))
 
-    def build_model(self, device: str = "meta", dtype: torch.dtype = torch.float32, *, exact: bool = False,
+    def build_model(self, device: str = "meta", dtype: torch.dtype = torch.float32, *, exact: bool = True,
                     **kw):
-        """The megatron-core GPTModel that Megatron-LM builds from this model's flags (model.build_gpt)."""
+        """The megatron-core GPTModel that Megatron-LM builds from this model's flags (model.build_gpt); `exact`
+        (for models built in this process, e.g. the live API): with the hook's fixes for what no flag says."""
         from megatron.core import parallel_state as ps
 
         from .model import build_gpt, parallel_sizes
