@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from . import layout
+from . import layout, megatron_fields
 from .atomic import atomic_dir, refuse_existing
 from .convert import parse_dtype
 from .derive import derive, read_config
@@ -75,6 +75,10 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     cfg = source_config(root, ns, like)
     spec = derive(cfg, family=family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(root, cfg)
+    odd = megatron_fields.shape_differences(single_process(spec.megatron_namespace()), single_process(ns))
+    if odd:
+        raise ConversionError(f"the HF config ({'--like ' + str(like) if like else 'recorded'}) and the checkpoint's "
+                              f"Megatron-LM arguments describe different weights: {'; '.join(odd[:4])}")
     ensure_distributed(cpu=True)
     # the checkpoint's own layout (e.g. MoE layers stacked or per layer), as Megatron-LM would load it
     model = build_gpt(single_process(ns), spec.hook_settings(), device="meta")

@@ -268,6 +268,28 @@ def saved_args(ns: dict) -> argparse.Namespace:
     return args
 
 
+# The destinations that decide which tensors a model has and their shapes: a checkpoint and an HF config describe
+# the same weights only where these agree.
+SHAPES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "group_query_attention",
+          "num_query_groups", "normalization", "swiglu", "quick_geglu", "add_bias_linear", "add_qkv_bias",
+          "qk_layernorm", "untie_embeddings_and_output_weights", "softmax_type", "multi_latent_attention",
+          "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
+          "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+          "moe_router_enable_expert_bias")
+
+
+def shape_differences(a: dict, b: dict) -> list[str]:
+    """Where two namespaces describe different weights, as 'flag: a vs b'."""
+    def norm(ns, d):
+        v = value(ns, d) if applies(BY_DEST[d], ns) else None
+        if d == "moe_layer_freq" and isinstance(v, int):  # N: one MoE layer every N
+            v = [int(i % v == 0) for i in range(ns["num_layers"])]
+        if d == "num_query_groups" and not value(ns, "group_query_attention"):
+            v = None
+        return v
+    return [f"{BY_DEST[d].flag} {norm(a, d)} vs {norm(b, d)}" for d in SHAPES if norm(a, d) != norm(b, d)]
+
+
 def applies(f: Field, ns: dict) -> bool:
     return f.only_with is None or bool(ns.get(f.only_with))
 

@@ -1,26 +1,32 @@
 """Megatron-LM itself, as a user runs it, on CPU: the judge of what hf2mcore writes.
 
-Run as a script (one process, or under torchrun for TP/EP > 1) with a copy of Megatron-LM first on sys.path:
+    python megatron_lm_judge.py MEGATRON_LM JOBS.json        (one process, or under torchrun for TP/EP > 1)
 
-    python megatron_lm_judge.py MEGATRON_LM CKPT IDS.pt OUT.pt [extra Megatron-LM flags ...]
-
-It takes the flags from CKPT/megatron_args.sh exactly as written (bash sources it), parses and validates them with
+Each job ({"ckpt", "ids", "out", "extra": [flags], "mode": "forward" | "save"}) takes the flags from
+CKPT/megatron_args.sh exactly as written (bash sources it, PYTHONPATH included), parses and validates them with
 Megatron-LM's own `parse_and_validate_args`, builds the model the way `pretrain_gpt.py` does
 (`gpt_config_from_args` -> `GPTModelBuilder.build_distributed_models`), loads CKPT with Megatron-LM's
-`checkpointing.load_checkpoint` (`--finetune`, strictness raise_all), runs a forward pass on the token ids and
-saves the full-vocabulary fp32 logits (rank 0). `save` as first argument instead saves the loaded model again with
-Megatron-LM's own `save_checkpoint` into OUT (a directory), as training would.
+`checkpointing.load_checkpoint` (`--finetune`, strictness raise_all) and saves to OUT (rank 0) the fp32
+full-vocabulary logits of the token ids, with the field-by-field comparisons of `_compare_with_hf2mcore`, or the
+error. Mode "save" saves the loaded model again with Megatron-LM's own `save_checkpoint` into the directory OUT.
 
-Only CPU stand-ins are added (REFERENCE.md §8), none of which changes the model.
+The jobs share one process (Megatron-LM's imports are most of a run's cost); each starts from fresh global state
+(Megatron-LM's `unset_global_variables`, the parallel state, the --spec module). Megatron-LM runs without ModelOpt
+installed (its plain GPT path; the import costs seconds). Only CPU stand-ins are added (REFERENCE.md §8), none of
+which changes the model.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from unittest import mock
+
+HOOK = "hf2mcore_spec"
 
 
 def model_args(ckpt: Path) -> tuple[list[str], list[str]]:
@@ -33,83 +39,106 @@ def model_args(ckpt: Path) -> tuple[list[str], list[str]]:
 
 
 def main() -> None:
-    mode = "forward"
-    if sys.argv[1] == "save":
-        mode = sys.argv.pop(1)
-    mlm, ckpt, ids_path, out_path, *extra = sys.argv[1:]
-    ckpt = Path(ckpt)
-    argv, path = model_args(ckpt)
-    sys.path[:0] = [mlm, *path]  # Megatron-LM, then what megatron_args.sh put on PYTHONPATH (the --spec hook)
+    mlm, jobs = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+    sys.modules["modelopt"] = None  # a training environment without ModelOpt
+    sys.path.insert(0, mlm)
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(29500 + os.getpid() % 2000)).items():
+        os.environ.setdefault(k, v)
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.training import arguments
 
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    scaling = RotaryEmbedding._apply_scaling  # the --exact hook rebinds it process-wide
+    with contextlib.ExitStack() as stack:
+        # CPU stand-ins (REFERENCE.md §8): no CUDA device, no fused kernels
+        stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
+        stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
+        stack.enter_context(mock.patch("torch.cuda.get_rng_state", lambda *a, **k: torch.get_rng_state()))
+        stack.enter_context(mock.patch.object(torch.nn.Module, "cuda", lambda self, *a, **k: self))
+        stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
+        stack.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
+        stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
+                                       _window_mask))
+        for job in jobs:
+            argv, path = model_args(Path(job["ckpt"]))
+            sys.path[:0] = path  # what megatron_args.sh put on PYTHONPATH (the --spec hook)
+            try:
+                result = run(job, argv)
+            except BaseException:  # the job's verdict, not the batch's: the others still run
+                result = {"error": traceback.format_exc()[-4000:]}
+            finally:
+                _reset(path, scaling)
+            if job.get("mode", "forward") == "forward" and dist.get_rank() == 0:
+                torch.save(result, job["out"])
+            elif "error" in result:
+                raise SystemExit(result["error"])
+            dist.barrier()
+
+
+def run(job: dict, argv: list[str]) -> dict:
+    import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import random as mrandom
-    from megatron.training import arguments, checkpointing, get_args
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.training import checkpointing, get_args
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.models.gpt import GPTModelBuilder
 
-    world = int(os.environ["WORLD_SIZE"])
+    ckpt = Path(job["ckpt"])
     sys.argv = [sys.argv[0], *argv, "--load", str(ckpt), "--finetune", "--no-load-optim",
                 "--no-load-rng", "--dist-ckpt-strictness", "raise_all", "--micro-batch-size", "1",
                 "--tokenizer-type", "NullTokenizer", "--vocab-size", "8", "--no-gradient-accumulation-fusion",
                 "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
                 "--no-bias-dropout-fusion", "--no-rope-fusion", "--attention-dropout", "0", "--hidden-dropout", "0",
-                *extra]
-    stack = contextlib.ExitStack()
-    # CPU stand-ins (REFERENCE.md §8): no CUDA device, no fused kernels
-    stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
-    stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
-    stack.enter_context(mock.patch("torch.cuda.get_rng_state", lambda *a, **k: torch.get_rng_state()))
-    stack.enter_context(mock.patch.object(torch.nn.Module, "cuda", lambda self, *a, **k: self))
-    stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
-    stack.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
-    stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
-                                   _window_mask))
-    with stack:
+                *job.get("extra", [])]
+    with _cpu_factories():  # --use-checkpoint-args reads the tracker as load_checkpoint does
         args = parse_and_validate_args()
-        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
-        ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                     expert_model_parallel_size=args.expert_model_parallel_size,
-                                     expert_tensor_parallel_size=args.expert_tensor_parallel_size)
-        stack.enter_context(mock.patch.object(mrandom.get_cuda_rng_tracker(), "fork",
-                                              lambda *a, **k: contextlib.nullcontext()))
+    ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                 expert_model_parallel_size=args.expert_model_parallel_size,
+                                 expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    with mock.patch.object(mrandom.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext()):
         cfg = gpt_config_from_args(args)
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
         checks = _compare_with_hf2mcore(ckpt, cfg.transformer, get_args())
         models = GPTModelBuilder(cfg).build_distributed_models(ProcessGroupCollection.use_mpu_process_groups(),
                                                                 wrap_with_ddp=False)
         with _cpu_factories():
             checkpointing.load_checkpoint(models, None, None, strict=True)
-        if mode == "save":
-            args = get_args()
-            args.save, args.no_save_optim, args.no_save_rng = out_path, True, True
-            args.ckpt_format = "torch_dist"
+        if job.get("mode") == "save":
+            args.save, args.no_save_optim, args.no_save_rng, args.ckpt_format = job["out"], True, True, "torch_dist"
             with _cpu_factories():
                 checkpointing.save_checkpoint(1, models, None, None, 0)
-            dist.barrier()
-            return
+            return {}
         model = models[0]
-        ids = torch.load(ids_path)
+        ids = torch.load(job["ids"])
         s = ids.shape[1]
         mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
         model.eval()
         with torch.no_grad():
             logits = model(ids, torch.arange(s)[None], mask).float()
-        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
         logits = gather_from_tensor_model_parallel_region(logits)
-        if dist.get_rank() == 0:
-            torch.save({"logits": logits, **checks}, out_path)
-        dist.barrier()
+    dist.barrier()
+    return {"logits": logits, **checks}
+
+
+def _reset(path: list[str], scaling) -> None:
+    """What one job leaves behind that the next must not see."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.training.global_vars import unset_global_variables
+
+    unset_global_variables()
+    ps.destroy_model_parallel()
+    RotaryEmbedding._apply_scaling = scaling
+    sys.modules.pop(HOOK, None)
+    for p in path:
+        sys.path.remove(p)
 
 
 def _compare_with_hf2mcore(ckpt: Path, config, args) -> dict:
