@@ -44,6 +44,8 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tools", nargs="*", help="run only the tools whose names contain one of these words")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="hf2mcore process counts to run")
+    p.add_argument("--baseline", help="a checkout of another hf2mcore (e.g. `git worktree add DIR REV`): its convert "
+                                      "runs too, one process, for paired ratios against this one")
     a = p.parse_args()
     work = Path(a.work)
     convert = [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"), "--no-progress",
@@ -52,6 +54,9 @@ def main():
         "I/O floor (copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
+        **({f"hf2mcore convert at {a.baseline} (1 process)": [
+            "env", f"PYTHONPATH={Path(a.baseline).resolve()}", sys.executable, "-P", *convert[1:], "--workers", "1"]}
+           if a.baseline else {}),
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
         "Megatron-Bridge AutoBridge.import_ckpt": [
@@ -77,7 +82,7 @@ def main():
                 continue
             runs[name].append(tuple(map(float, r.stdout.split())))
             print(f"  {name}: {runs[name][-1][0]:.1f} s", file=sys.stderr, flush=True)
-    print("| tool | wall s (median) | CPU s | peak RSS MiB | ratio to floor | runs (wall s) |")
+    print("| tool | wall s (median) | CPU s | peak RSS MiB | paired ratio to floor (median) | runs (wall s) |")
     print("|---|---|---|---|---|---|")
     floor = None
     for name, rs in runs.items():
@@ -87,9 +92,15 @@ def main():
         wall = statistics.median(r[0] for r in rs)
         cpu = statistics.median(r[1] for r in rs)
         rss = max(r[2] for r in rs)
-        floor = floor or wall
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {wall / floor:.2f}x | "
+        floor = floor or rs  # the first tool's runs; round i of each tool ran right after the floor's round i
+        paired = statistics.median(r[0] / f[0] for r, f in zip(rs, floor))
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {paired:.2f}x | "
               + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
+    if a.baseline and all(k in runs and k not in errors for k in list(tools)[1:2]):
+        this, base = list(tools)[1], next(k for k in tools if k.startswith("hf2mcore convert at"))
+        if base not in errors:
+            ratio = statistics.median(x[0] / y[0] for x, y in zip(runs[this], runs[base]))
+            print(f"\npaired ratio {this} / baseline: {ratio:.3f} (median of {len(runs[base])} rounds)")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,9 +8,11 @@ replayed on the real tensor with as_strided.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import mmap
+from unittest import mock
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -67,13 +69,22 @@ def _strategy_class():
             # Streaming: the serial loader, which asks for the items in plan order (the resolver's `expect`).
             # Where CUDA is available DCP would otherwise take its overlapping loader, which sorts them by size.
             ahead = {"per_thread_copy_ahead": 0} if self._resolve is not None else {}
-            try:
-                dcp_save(pyt_sd, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1,
-                                                                 single_file_per_rank=True, sync_files=True,
-                                                                 **ahead),
-                         planner=planner)
-            finally:
-                torch.serialization.set_crc32_options(crc)
+            # DCP re-checks every key's chunks for overlaps; with stacked MoE layers (a [layers, experts, ...]
+            # key of layers x experts chunks) its sweep is quadratic (RESULTS.md, session 5). megatron-core has
+            # already validated the sharding (validate_sharding_integrity) before this.
+            from torch.distributed.checkpoint import default_planner
+
+            with contextlib.ExitStack() as stack:
+                if hasattr(default_planner, "_validate_global_plan"):
+                    stack.enter_context(mock.patch.object(default_planner, "_validate_global_plan",
+                                                          lambda plan, md: []))
+                try:
+                    dcp_save(pyt_sd, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                                     single_file_per_rank=True, sync_files=True,
+                                                                     **ahead),
+                             planner=planner)
+                finally:
+                    torch.serialization.set_crc32_options(crc)
 
     return StreamingSaveStrategy
 
