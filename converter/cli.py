@@ -76,11 +76,9 @@ def cmd_convert(a) -> int:
         return 0
     print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then pretrain_gpt.py \"${{MODEL_ARGS[@]}}\" "
           f"--load {out} --finetune)")
-    from .derive import derive
-    from .layout import gap_lines
+    from .layout import manifest
 
-    spec = derive(hf, family=a.family)
-    for w in gap_lines(spec, spec.hook_settings(a.exact)):
+    for w in manifest(out).get("megatron_lm_gaps", []):
         print(f"WARNING: {w}")
     if a.verify:
         return _report(hf, out, a)

@@ -18,21 +18,11 @@ from .dequant import open_source
 from .hf_io import HFCheckpoint
 from . import layout
 from .mcore_io import save_streaming
+from .model import parse_dtype
 from .plan import build_plan, mcore_shapes
 from .progress import Progress
 from .rows import read_rows, readable_by_rows, row_sources
 from .runtime import ensure_distributed, launched_by_torchrun
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ConversionError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
             etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -11,44 +9,15 @@ import torch
 
 from . import layout, megatron_fields
 from .atomic import atomic_dir, refuse_existing
-from .convert import parse_dtype
-from .derive import derive, read_config
+from .derive import derive
 from .errors import ConversionError
-from .from_args import hf_config_from_args
-from .hf_io import write_sharded
+from .hf_io import parse_size, write_sharded, write_side_files
 from .mcore_io import ChunkReader, params_from_checkpoint
 from .packed import repack
 from .plan import Plan, build_plan, mcore_shapes
+from .model import build_gpt, parse_dtype, single_process
 from .progress import Progress
-from .model import build_gpt
 from .runtime import ensure_distributed
-
-LIKE_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt|"
-                        r"chat_template.*)")
-
-
-def parse_size(s: str | int) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
-    if not m:
-        raise ConversionError(f"cannot read size {s!r} (e.g. 5GB, 500MB)")
-    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
-
-
-def source_config(root: Path, ns: dict, like: Path | None) -> dict:
-    """--like's config, else the one hf2mcore recorded, else one re-derived from the Megatron-LM arguments."""
-    if like is not None:
-        return read_config(like)
-    return layout.recorded_hf_config(root) or hf_config_from_args(ns)
-
-
-def single_process(ns: dict) -> dict:
-    """The namespace at TP=PP=EP=1: torch_dist reshards, so one process reads a checkpoint saved at any size."""
-    sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-             "expert_tensor_parallel_size")
-    return {k: v for k, v in ns.items() if k not in sizes}
-
 
 def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(Megatron name, full tensor) pairs, one at a time, from a torch_dist checkpoint saved at any TP/PP/EP."""
@@ -72,7 +41,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     root = layout.root_of(ckpt)
     refuse_existing(out_dir, overwrite)
     ns, _ = layout.megatron_view(root, ckpt)
-    cfg = source_config(root, ns, like)
+    cfg = layout.hf_config(root, ns, like)
     spec = derive(cfg, family=family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(root, cfg)
     odd = megatron_fields.shape_differences(single_process(spec.megatron_namespace()), single_process(ns))
@@ -96,15 +65,3 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
         bar.close()
         write_side_files(tmp, cfg, dt, like)
     return out_dir
-
-
-def write_side_files(out: Path, cfg: dict, dt: torch.dtype | None, like: Path | None) -> None:
-    """config.json (with the weights' dtype) and, from `like`, the tokenizer and generation files."""
-    out_cfg = dict(cfg)
-    if dt is not None:
-        out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(out_cfg, indent=2))
-    if like is not None:
-        for f in like.iterdir():
-            if f.is_file() and LIKE_FILES.fullmatch(f.name):
-                shutil.copy2(f, out / f.name)

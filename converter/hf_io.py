@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -177,3 +179,28 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, sh
         (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total, **(metadata or {})},
                                                  "weight_map": weight_map}, indent=2))
     return weight_map
+
+
+LIKE_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt|"
+                        r"chat_template.*)")
+
+
+def parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
+    if not m:
+        raise ConversionError(f"cannot read size {s!r} (e.g. 5GB, 500MB)")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
+
+
+def write_side_files(out: Path, cfg: dict, dt: torch.dtype | None, like: Path | None) -> None:
+    """config.json (with the weights' dtype) and, from `like`, the tokenizer and generation files."""
+    out_cfg = dict(cfg)
+    if dt is not None:
+        out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(out_cfg, indent=2))
+    if like is not None:
+        for f in like.iterdir():
+            if f.is_file() and LIKE_FILES.fullmatch(f.name):
+                shutil.copy2(f, out / f.name)

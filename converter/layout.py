@@ -164,6 +164,17 @@ def recorded_hf_config(root: Path) -> dict | None:
     return read_config(path)
 
 
+def hf_config(root: Path, ns: dict, like: Path | None) -> dict:
+    """The HF config that describes a checkpoint: --like's, else the one convert recorded, else one re-derived
+    from its Megatron-LM arguments."""
+    from .derive import read_config
+    from .from_args import hf_config_from_args
+
+    if like is not None:
+        return read_config(like)
+    return recorded_hf_config(root) or hf_config_from_args(ns)
+
+
 def manifest(root: Path) -> dict:
     path = root / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}

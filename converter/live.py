@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_dir, refuse_existing
-from .convert import parse_dtype
 from .dequant import open_source
 from .derive import derive, read_config
 from .errors import ConversionError
-from .hf_io import write_sharded
+from .hf_io import parse_size, write_sharded, write_side_files
 from .mcore_io import sharded_views
+from .model import parse_dtype
 from .packed import repack
 from .plan import Plan, build_plan
 from .rows import read_rows, readable_by_rows, row_sources
@@ -156,8 +156,6 @@ def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str 
     """Gather this job's model and write HF safetensors (+ config and tokenizer files of `like`) on rank 0.
 
     Call on every rank. Returns out_dir on rank 0, None elsewhere."""
-    from .export import parse_size, write_side_files
-
     out_dir, like = Path(out_dir), Path(like)
     spec = derive(like, family=family)
     first = _chunks(model)[0]

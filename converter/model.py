@@ -23,6 +23,24 @@ RUNTIME: dict[str, Any] = dict(
 )
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def single_process(ns: dict) -> dict:
+    """The namespace at TP=PP=EP=1: torch_dist reshards, so one process reads a checkpoint saved at any size."""
+    sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+             "expert_tensor_parallel_size")
+    return {k: v for k, v in ns.items() if k not in sizes}
+
+
 def parallel_sizes() -> tuple[int, int, int, int]:
     from megatron.core import parallel_state as ps
 
@@ -101,3 +119,13 @@ def build_gpt(ns: dict, settings: dict | None, device: str = "meta", *, pre_proc
     if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
         model = model.to(device)
     return model
+
+
+def mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [b, s, padded vocab] on the model's device."""
+    s = ids.shape[1]
+    from .runtime import causal_mask, cpu_patches
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), cpu_patches():
+        return model(ids.to(device), torch.arange(s, device=device)[None], causal_mask(s, device)).float()

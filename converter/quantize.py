@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConversionError
-from .verify import mcore_logits
+from .model import mcore_logits
 
 FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG",
            "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
@@ -209,7 +209,6 @@ def _source(src: Path, like: Path | None, device: str, family: str | None):
     """(spec, model, HF directory for the tokenizer and config) for an HF directory or a Megatron checkpoint."""
     from . import layout
     from .derive import derive
-    from .export import source_config
     from .live import megatron_model
     from .mcore_io import load_into
     from .runtime import ensure_distributed
@@ -225,7 +224,7 @@ def _source(src: Path, like: Path | None, device: str, family: str | None):
     hf_dir = like or (Path(hf_src) if hf_src and Path(hf_src).is_dir() else None)
     if hf_dir is None:
         raise ConversionError(f"{src}: pass --like HF_DIR (the tokenizer and config.json of the model)")
-    spec = derive(source_config(root, layout.megatron_view(root, ckpt)[0], like), family=family)
+    spec = derive(layout.hf_config(root, layout.megatron_view(root, ckpt)[0], like), family=family)
     ensure_distributed()
     model = spec.build_model(device=device, dtype=torch.bfloat16)
     load_into(model, ckpt)

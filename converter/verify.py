@@ -9,10 +9,9 @@ import torch
 from . import layout
 from .derive import derive
 from .errors import ConversionError
-from .export import single_process
 from .mcore_io import load_into
-from .model import build_gpt
-from .runtime import causal_mask, cpu_patches, ensure_distributed
+from .model import build_gpt, mcore_logits, single_process
+from .runtime import ensure_distributed
 
 SAMPLE_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined a "
@@ -39,14 +38,6 @@ def checkpoint_dtype(ckpt: Path) -> torch.dtype:
 
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     return next(v.dtype for k, v in meta.items() if k.endswith("word_embeddings.weight") or "layers" in k)
-
-
-def mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [b, s, padded vocab] on the model's device."""
-    s = ids.shape[1]
-    device = next(model.parameters()).device
-    with torch.no_grad(), cpu_patches():
-        return model(ids.to(device), torch.arange(s, device=device)[None], causal_mask(s, device)).float()
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:

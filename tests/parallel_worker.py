@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore")
 def logits(model, spec, ids):
     from megatron.core import parallel_state as ps
 
-    from converter.verify import mcore_logits
+    from converter.model import mcore_logits
 
     if ps.get_pipeline_model_parallel_world_size() > 1:
         # two stages by hand: stage 0 sends its hidden states [s, b, h] to stage 1

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from converter import ConversionError, derive, load_hf_weights, megatron_model, save_hf_weights
-from converter.verify import SAMPLE_TEXT, compare, mcore_logits, token_ids
+from converter.model import mcore_logits
+from converter.verify import SAMPLE_TEXT, compare, token_ids
 from test_convert import assert_bit_exact
 
 
