@@ -121,13 +121,16 @@ def read_args(root: Path) -> dict | None:
 
 
 def hook_settings(root: Path, ns: dict) -> dict | None:
-    """The --spec hook's settings, when the namespace names hf2mcore's hook (JSON: never imported from here)."""
+    """The --spec hook's settings, when the namespace names hf2mcore's hook (JSON: never imported from here);
+    None when it does not, or when the directory does not carry them (a training save of a converted model)."""
     spec = ns.get("spec")
     if spec is None:
         return None
     if list(spec) != [HOOK_MODULE, "layer_spec"]:
         raise ConversionError(f"--spec {' '.join(spec)}: hf2mcore builds only its own hook ({HOOK_MODULE} layer_spec)")
     path = root / HOOK_SETTINGS
+    if not path.exists():
+        return None
     try:
         settings = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

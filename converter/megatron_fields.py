@@ -150,23 +150,43 @@ def flags(ns: dict) -> list[str]:
 
 
 def _pattern(x: str) -> int | list[int]:
-    """Megatron-LM's moe_freq_type / no_rope_freq_type: an int, or a Python list expression of 0/1."""
+    """Megatron-LM's moe_freq_type / no_rope_freq_type: an int, or a Python list expression of 0/1 such as
+    `([0]+[1]*3)*2`, evaluated here without eval: only lists, whole numbers, + and *, at most MAX_PATTERN long."""
     x = x.strip()
     if "[" not in x:
         return int(x)
     try:
-        tree = ast.parse(x, mode="eval")
-    except SyntaxError as exc:
+        value = _pattern_value(ast.parse(x, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError) as exc:
         raise ConversionError(f"cannot read layer pattern {x!r}: {exc}") from None
-    allowed = (ast.Expression, ast.List, ast.Constant, ast.BinOp, ast.Add, ast.Mult, ast.Load)
-    if not all(isinstance(n, allowed) for n in ast.walk(tree)):
-        raise ConversionError(f"layer pattern {x!r}: only lists, numbers, + and * are allowed")
-    return list(eval(compile(tree, "<pattern>", "eval"), {"__builtins__": {}}))  # checked above: arithmetic only
+    if not isinstance(value, list):
+        raise ConversionError(f"layer pattern {x!r} is not a list")
+    return value
+
+
+def _pattern_value(node):
+    if isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= MAX_PATTERN:
+        return node.value
+    if isinstance(node, ast.List):
+        return [_pattern_value(e) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        add = isinstance(node.op, ast.Add)
+        left, right = _pattern_value(node.left), _pattern_value(node.right)
+        if not add and isinstance(right, list):
+            left, right = right, left
+        if not (isinstance(left, list) and isinstance(right, list if add else int)
+                and (len(left) + len(right) if add else len(left) * right) <= MAX_PATTERN):
+            raise ValueError(f"only lists joined with + or repeated with * (at most {MAX_PATTERN} entries)")
+        return left + right if add else left * right
+    raise ValueError(f"only lists, whole numbers up to {MAX_PATTERN}, + and * are allowed")
+
+
+MAX_PATTERN = 100_000  # a file from elsewhere must not make hf2mcore build a list of 10**12 layers
 
 
 def parser() -> argparse.ArgumentParser:
     """An argparse parser for the table's flags, with Megatron-LM's destinations and types."""
-    p = argparse.ArgumentParser(prog="megatron_args.sh", add_help=False, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="megatron_args.sh", add_help=False, allow_abbrev=False, exit_on_error=False)
     types = {"int": int, "float": float, "str": str, "pattern": _pattern,
              "pair": lambda x: tuple(int(i) for i in x.strip("()").split(","))}
     for f in TABLE:
@@ -184,7 +204,10 @@ def parser() -> argparse.ArgumentParser:
 def parse_flags(argv: list[str]) -> dict[str, Any]:
     """The namespace a command line sets (only what it sets): the inverse of `flags`. A flag the table does not
     know is an error naming it."""
-    ns, rest = parser().parse_known_args(argv)
+    try:
+        ns, rest = parser().parse_known_args(argv)
+    except (argparse.ArgumentError, ValueError) as exc:
+        raise ConversionError(f"cannot read the Megatron-LM flags: {exc}") from None
     if rest:
         raise ConversionError(f"Megatron-LM flags hf2mcore does not model: {' '.join(rest[:6])}")
     return vars(ns)

@@ -1,5 +1,6 @@
 """ModelSpec: everything Megatron needs to know about one HF model, and the three views of it
-(Megatron-LM flags, megatron-core TransformerConfig, the GPTModel itself)."""
+(Megatron-LM's argument namespace, which megatron_fields turns into flags, config and saved args; what no flag
+expresses; the GPTModel Megatron-LM builds)."""
 from __future__ import annotations
 
 import dataclasses
@@ -158,7 +159,8 @@ class ModelSpec:
             if self.mla is None:
                 a.update(yarn_original_max_position_embeddings=r.original_max_position_embeddings,
                          yarn_beta_fast=r.beta_fast, yarn_beta_slow=r.beta_slow,
-                         yarn_correction_range_round_to_int=r.truncate)
+                         # only the off switch is a flag; Megatron-LM's parsed default is None (= on)
+                         yarn_correction_range_round_to_int=None if r.truncate else False)
         a.update(max_position_embeddings=self.max_position_embeddings,
                  seq_length=min(self.max_position_embeddings, 4096))
         if self.mla is not None:

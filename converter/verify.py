@@ -59,6 +59,8 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
     spec = derive(hf_dir, family=family)
     ckpt = layout.find_checkpoint(mcore_dir)
     ns, settings = layout.megatron_view(layout.root_of(ckpt), ckpt)
+    if settings is None and ns.get("spec"):  # a training save names the hook without carrying its settings
+        settings = spec.hook_settings()
     dt = checkpoint_dtype(ckpt)
     ensure_distributed()
     ns = {**single_process(ns), "bf16": False, "fp16": False}  # fp32 compute from the checkpoint's values

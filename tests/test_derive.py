@@ -248,3 +248,25 @@ def test_derive_with_a_warm_cache_does_not_import_transformers(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
                            env=env, check=True).stdout.split()[-1] for _ in range(2)]
     assert runs == ["True", "False"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_flags_parse_back_to_the_namespace(name):
+    """megatron_fields: the written flags parse back (with Megatron-LM's destinations and types) to exactly the
+    namespace they came from, at a parallel layout too, and with the --exact hook."""
+    try:
+        spec = derive(CONFIGS / name)
+    except ConversionError:
+        return  # refused by name (test_param_count_matches_hf_or_refused_by_name)
+    for ns in (spec.megatron_namespace(), spec.megatron_namespace(1, 1, 1, None, exact=True)):
+        want = {k: v for k, v in ns.items() if not (megatron_fields.BY_DEST[k].kind == "true" and v is False)
+                and not (megatron_fields.BY_DEST[k].kind == "false" and v is True)}
+        assert megatron_fields.parse_flags(megatron_fields.flags(ns)) == want
+
+
+@pytest.mark.parametrize("pattern", ["[0]*100000*100000", "[0]+1", "__import__('os')", "[0]*-1", "[0.5]",
+                                     "[1]*(2**40)"])
+def test_hostile_layer_patterns_are_refused(pattern):
+    """A layer pattern from a file is evaluated without eval, and never to more than 100,000 layers."""
+    with pytest.raises(ConversionError):
+        megatron_fields.parse_flags(["--moe-layer-freq", pattern])
