@@ -28,6 +28,7 @@ FAMILY_CONFIGS = [
     "openai/gpt-oss-20b",  # sinks, alternating sliding window, yarn (not truncated), packed experts, clamped GLU
     "meta-llama/Llama-4-Scout-17B-16E-Instruct:text",  # NoPE, L2 q/k norm, llama3 rope (high 1), top-1 on input
     "deepseek-ai/DeepSeek-V3#kimi-k2",  # Kimi-K2: DeepSeek-V3's layout, yarn betas 1, 1
+    "openai/gpt-oss-20b#short-context",  # yarn with an original context of 64: the tests' 160 tokens go beyond it
 ]
 # optional features a family's defaults leave off, switched on so the tests see them
 OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
@@ -36,6 +37,9 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
              "deepseek-ai/DeepSeek-V3#kimi-k2": {"rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
                                                                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                                   "original_max_position_embeddings": 4096}},
+             "openai/gpt-oss-20b#short-context": {"rope_scaling": {
+                 "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 64}},
              # two layers: one NoPE, one dense
              "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
                                                                 "interleave_moe_layer_step": 2}}
