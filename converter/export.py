@@ -19,9 +19,9 @@ from .model import build_gpt, parse_dtype, single_process
 from .progress import Progress
 from .runtime import ensure_distributed
 
-def mcore_tensors(model, ckpt: Path, plan: Plan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def mcore_tensors(model, reader: ChunkReader, plan: Plan,
+                  dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(Megatron name, full tensor) pairs, one at a time, from a torch_dist checkpoint saved at any TP/PP/EP."""
-    reader = ChunkReader(ckpt)
     for name, t in params_from_checkpoint(model, reader, names=list(plan.jobs)):
         yield name, t if dtype is None else t.to(dtype)
 
@@ -40,6 +40,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     ckpt = layout.find_checkpoint(root)
     root = layout.root_of(ckpt)
     refuse_existing(out_dir, overwrite)
+    reader = ChunkReader(ckpt)  # reads .metadata (through the allow-list) before any work is shown
     ns, _ = layout.megatron_view(root, ckpt)
     cfg = layout.hf_config(root, ns, like)
     spec = derive(cfg, family=family)
@@ -55,7 +56,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     bar = Progress(len(plan.jobs), 0, "export", enabled=progress)
 
     def hf_tensors():
-        for name, t in mcore_tensors(model, ckpt, plan, dt):
+        for name, t in mcore_tensors(model, reader, plan, dt):
             bar.update(t.numel() * t.element_size(), name)
             yield from plan.jobs[name].to_hf(t)
 

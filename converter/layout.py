@@ -141,9 +141,19 @@ def hook_settings(root: Path, ns: dict) -> dict | None:
 
 
 def load_common(ckpt: Path) -> dict:
+    """The common state (Megatron-LM's `args`, the iteration), read through the allow-lists."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(ckpt))
+    from .untrusted import read_errors, reading, refusal
+
+    try:
+        with reading():
+            return dist_checkpointing.load_common_state_dict(str(ckpt))
+    except ConversionError:
+        raise
+    except read_errors() as exc:
+        raise refusal(exc) or ConversionError(f"cannot read the common state of {ckpt}: "
+                                              f"{str(exc).splitlines()[0][:300]}") from exc
 
 
 def megatron_view(root: Path, ckpt: Path) -> tuple[dict, dict | None]:

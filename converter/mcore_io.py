@@ -297,9 +297,14 @@ class ChunkReader:
     def __init__(self, ckpt: Path):
         from torch.distributed.checkpoint import FileSystemReader
 
+        from .untrusted import reading
+
         self.dir = Path(ckpt)
         try:
-            self.md = FileSystemReader(str(ckpt)).read_metadata()
+            with reading():
+                self.md = FileSystemReader(str(ckpt)).read_metadata()
+        except ConversionError:
+            raise
         except Exception as exc:
             raise ConversionError(f"cannot read {ckpt}/.metadata: {exc}") from exc
 
@@ -409,19 +414,19 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from .runtime import cpu_patches
-
     from .layout import find_checkpoint
+    from .runtime import cpu_patches
+    from .untrusted import read_errors, reading, refusal
 
     ckpt = find_checkpoint(ckpt_dir)
-    with cpu_patches():
+    with cpu_patches(), reading():
         sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
         try:
             state = dist_checkpointing.load(sharded, str(ckpt),
                                             strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
         except ConversionError:
             raise
-        except Exception as exc:
-            raise ConversionError(f"cannot load {ckpt}: {str(exc).splitlines()[0][:500]}") from exc
+        except read_errors() as exc:
+            raise refusal(exc) or ConversionError(f"cannot load {ckpt}: {str(exc).splitlines()[0][:500]}") from exc
         own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)

@@ -36,7 +36,10 @@ def token_ids(hf_dir: Path, text: str, vocab: int, max_len: int = 128) -> torch.
 def checkpoint_dtype(ckpt: Path) -> torch.dtype:
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    from .untrusted import reading
+
+    with reading():
+        meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     return next(v.dtype for k, v in meta.items() if k.endswith("word_embeddings.weight") or "layers" in k)
 
 
