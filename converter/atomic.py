@@ -9,7 +9,13 @@ from pathlib import Path
 from .errors import ConversionError
 
 
-def refuse_existing(out_dir: Path, overwrite: bool) -> None:
+def refuse_existing(out_dir: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Stop before any work when OUT exists (without --overwrite), or when replacing it would remove an input:
+    OUT is an input, holds one, or lies inside one."""
+    out = out_dir.resolve()
+    for inp in (Path(i).resolve() for i in inputs if i is not None):
+        if out == inp or out in inp.parents or inp in out.parents:
+            raise ConversionError(f"{out_dir} is, holds or lies inside the input {inp}: choose an output elsewhere")
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
 

@@ -39,7 +39,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     dt = parse_dtype(dtype)
     spec = derive(hf_dir, family=family)
     spec.check_parallel(tp, pp, ep, etp)
-    refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite, (hf_dir,))
     hf = open_source(hf_dir, spec)
     if workers == "auto":
         workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt)

@@ -39,7 +39,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     like = Path(like) if like else None
     ckpt = layout.find_checkpoint(root)
     root = layout.root_of(ckpt)
-    refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite, (root, like))
     reader = ChunkReader(ckpt)  # reads .metadata (through the allow-list) before any work is shown
     ns, _ = layout.megatron_view(root, ckpt)
     cfg = layout.hf_config(root, ns, like)

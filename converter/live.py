@@ -162,7 +162,7 @@ def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str 
     dt = parse_dtype(dtype) if dtype else first.config.params_dtype
     rank = dist.get_rank()
     if rank == 0:
-        refuse_existing(out_dir, overwrite)
+        refuse_existing(out_dir, overwrite, (like,))
     pieces = _pieces(model)
     plan = _global_plan(spec, pieces)
     tensors = repack(((hf_name, t) for name, full in _gathered(plan, pieces, dt)

@@ -256,9 +256,9 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     if export_hf is not None and fmt not in HF_EXPORT_FORMATS:
         raise ConversionError(f"--export-hf supports {', '.join(HF_EXPORT_FORMATS)}, not {fmt}")
     quant_config(fmt)  # unknown formats stop before any work
-    refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite, (src, like))
     if export_hf is not None:
-        refuse_existing(export_hf, overwrite)
+        refuse_existing(export_hf, overwrite, (src, like, out_dir))
     calib_texts = read_texts(calib_data) if calib_data else builtin_texts("calib")
     eval_texts = read_texts(eval_data) if eval_data else builtin_texts("eval")
 

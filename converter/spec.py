@@ -231,6 +231,10 @@ class ModelSpec:
 
     def check_parallel(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> None:
         """Explain, before any work, why the model cannot be split this way."""
+        sizes = {"tp": tp, "pp": pp, "ep": ep, "etp": etp}
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if v is not None and (not isinstance(v, int) or v < 1)]
+        if bad:
+            raise ConversionError(f"parallel sizes must be positive whole numbers: {', '.join(bad)}")
         problems = []
         etp = etp or tp
         if self.num_attention_heads % tp:
@@ -239,8 +243,8 @@ class ModelSpec:
             problems.append(f"num_key_value_heads={self.num_query_groups} is not divisible by tp={tp}")
         if self.ffn_hidden_size % tp:
             problems.append(f"intermediate_size={self.ffn_hidden_size} is not divisible by tp={tp}")
-        if self.num_layers < pp:
-            problems.append(f"num_hidden_layers={self.num_layers} is smaller than pp={pp}")
+        if self.num_layers % pp:  # Megatron-LM's even split (the argument file sets no uneven first/last stage)
+            problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp={pp}")
         if self.moe is None and ep > 1:
             problems.append(f"ep={ep} needs a MoE model; this one has no experts")
         if self.moe is not None:

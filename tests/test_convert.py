@@ -304,3 +304,30 @@ def test_llama4_multimodal_checkpoint_converts_its_language_model(tiny_models, t
     assert verify(text, out)["ok"]
     back = _tensors(export(out, tmp_path / "back", progress=False))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_overwrite_never_removes_an_input(tiny_models, tmp_path):
+    """--overwrite refuses an output that is, holds or lies inside an input; the inputs stay as they were."""
+    hf = _copy(tiny_models("meta-llama/Llama-2-7b-hf"), tmp_path / "models" / "hf")
+    before = sorted(p.name for p in hf.iterdir())
+    for out in (hf, hf.parent, hf / "mc"):
+        r = _cli("convert", hf, out, "--overwrite", "--no-progress")
+        assert r.returncode == 2 and "input" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in hf.iterdir()) == before
+    ck = convert(hf, tmp_path / "ck", dtype="fp32", progress=False)
+    for out in (ck, tmp_path, hf):  # the checkpoint itself, its parent, the --like directory
+        r = _cli("export", ck, out, "--like", hf, "--overwrite", "--no-progress")
+        assert r.returncode == 2 and "input" in r.stderr, r.stderr
+    assert (ck / "release" / "metadata.json").is_file() and sorted(p.name for p in hf.iterdir()) == before
+
+
+@pytest.mark.parametrize("args,what", [(("--tp", "0"), "tp=0"), (("--pp", "-1"), "pp=-1"), (("--ep", "0"), "ep=0"),
+                                       (("--tp", "3"), "not divisible by tp=3"),
+                                       (("--pp", "3"), "not divisible by pp=3")])
+def test_parallel_sizes_must_fit(args, what, tiny_models, tmp_path):
+    """Zero, negative or non-dividing sizes: one line and exit 2, in convert and inspect, before any work."""
+    hf = tiny_models("mistralai/Mixtral-8x7B-v0.1")
+    for cmd in (("convert", hf, tmp_path / "out", "--no-progress"), ("inspect", hf, "--format", "args")):
+        r = _cli(*cmd, *args)
+        assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
