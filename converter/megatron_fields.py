@@ -149,6 +149,9 @@ def flags(ns: dict) -> list[str]:
     return [part for f in TABLE if f.dest in ns and ns[f.dest] is not None for part in _format(f, ns[f.dest])]
 
 
+MAX_PATTERN = 100_000  # a file from elsewhere must not make hf2mcore build a list of 10**12 layers
+
+
 def _pattern(x: str) -> int | list[int]:
     """Megatron-LM's moe_freq_type / no_rope_freq_type: an int, or a Python list expression of 0/1 such as
     `([0]+[1]*3)*2`, evaluated here without eval: only lists, whole numbers, + and *, at most MAX_PATTERN long."""
@@ -156,12 +159,12 @@ def _pattern(x: str) -> int | list[int]:
     if "[" not in x:
         return int(x)
     try:
-        value = _pattern_value(ast.parse(x, mode="eval").body)
+        layers = _pattern_value(ast.parse(x, mode="eval").body)
     except (SyntaxError, ValueError, TypeError) as exc:
         raise ConversionError(f"cannot read layer pattern {x!r}: {exc}") from None
-    if not isinstance(value, list):
+    if not isinstance(layers, list):
         raise ConversionError(f"layer pattern {x!r} is not a list")
-    return value
+    return layers
 
 
 def _pattern_value(node):
@@ -179,9 +182,6 @@ def _pattern_value(node):
             raise ValueError(f"only lists joined with + or repeated with * (at most {MAX_PATTERN} entries)")
         return left + right if add else left * right
     raise ValueError(f"only lists, whole numbers up to {MAX_PATTERN}, + and * are allowed")
-
-
-MAX_PATTERN = 100_000  # a file from elsewhere must not make hf2mcore build a list of 10**12 layers
 
 
 def parser() -> argparse.ArgumentParser:
