@@ -92,8 +92,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         if left:
             raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
         if rank == 0:
-            layout.write_root(tmp, out_dir, spec, ns, settings, (hf_dir / "config.json").read_bytes(),
-                              _manifest(hf_dir, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world, settings))
+            cfg = (hf_dir / "config.json").read_bytes()
+            layout.write_root(tmp, out_dir, spec, ns, settings, cfg, _manifest(
+                hf_dir, cfg, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world, settings))
     return out_dir
 
 
@@ -108,10 +109,9 @@ def _nbytes(hf: HFCheckpoint, name: str) -> int:
     return math.prod(hf.shape(name)) * hf.dtype(name).itemsize
 
 
-def _manifest(hf_dir: Path, hf: HFCheckpoint, spec, plan, dt, seconds, par, workers, settings) -> dict:
+def _manifest(hf_dir: Path, cfg: bytes, hf: HFCheckpoint, spec, plan, dt, seconds, par, workers, settings) -> dict:
     from importlib.metadata import version
 
-    cfg = (hf_dir / "config.json").read_bytes()
     return {
         "tool": "hf2mcore", "source": str(hf_dir.resolve()), "architecture": spec.architecture,
         "family": spec.family, "dtype": str(dt).removeprefix("torch."),

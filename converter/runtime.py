@@ -95,11 +95,11 @@ def cpu_patches():
         stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
         # sliding-window attention builds its mask with device="cuda"
         stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
-                                       _window_mask))
+                                       window_mask))
         yield
 
 
-def _window_mask(sq: int, skv: int, window: tuple[int, int]) -> torch.Tensor:
+def window_mask(sq: int, skv: int, window: tuple[int, int]) -> torch.Tensor:
     """megatron-core's sliding-window causal mask (True = masked), on the CPU."""
     allowed = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window[0]).tril(skv - sq + window[1])
     return ~allowed

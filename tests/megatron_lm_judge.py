@@ -51,6 +51,8 @@ def main() -> None:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.training import arguments
 
+    from converter.runtime import window_mask
+
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     scaling = RotaryEmbedding._apply_scaling  # the --exact hook rebinds it process-wide
     with contextlib.ExitStack() as stack:
@@ -62,7 +64,7 @@ def main() -> None:
         stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
         stack.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
         stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
-                                       _window_mask))
+                                       window_mask))
         for job in jobs:
             argv, path = model_args(Path(job["ckpt"]))
             sys.path[:0] = path  # what megatron_args.sh put on PYTHONPATH (the --spec hook)
@@ -168,13 +170,6 @@ RUN_ONLY = {"init_method", "output_layer_init_method", "inference_sampling_seed"
             "finalize_model_grads_func", "grad_scale_func", "no_sync_func", "grad_sync_func", "param_sync_func",
             "variable_seq_lengths", "moe_token_dispatcher_type", "embedding_init_method", "cp_comm_type",
             "tensor_parallel_num_weight_shards", "expert_tensor_parallel_num_weight_shards"}
-
-
-def _window_mask(sq, skv, window):
-    import torch
-
-    allowed = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window[0]).tril(skv - sq + window[1])
-    return ~allowed
 
 
 @contextlib.contextmanager
