@@ -6,11 +6,13 @@ import gc
 import json
 import logging
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
 
-from .errors import ConversionError
+from .errors import ConversionError, one_line, root_failure
+from .stopping import install, stopped
 
 
 def _quiet() -> None:
@@ -36,8 +38,15 @@ def cmd_inspect(a) -> int:
     from .derive import derive, hf_param_count, mcore_param_count
     from .layout import gap_lines
 
-    spec = derive(_hf_dir(a.path), family=a.family)
+    path = _hf_dir(a.path)
+    spec = derive(path, family=a.family)
     spec.check_parallel(a.tp, a.pp, a.ep, a.etp)
+    if path.is_dir() and any(path.glob("*.safetensors")):  # weights at hand: the config must describe them
+        from .dequant import open_source
+        from .plan import check_source
+
+        hf = open_source(path, spec)
+        check_source(spec, {n: hf.shape(n) for n in hf.names()})
     ns, settings = spec.megatron_namespace(a.tp, a.pp, a.ep, a.etp, exact=a.exact), spec.hook_settings(a.exact)
     notes = [*spec.warnings, *gap_lines(spec, settings)]
     if a.format == "args":
@@ -71,7 +80,8 @@ def cmd_convert(a) -> int:
     if launched_by_torchrun() and a.verify:
         raise ConversionError("--verify runs in one process: verify after the parallel conversion")
     convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
-            family=a.family, progress=not a.no_progress, workers=a.workers, exact=a.exact)
+            family=a.family, progress=not a.no_progress, workers=a.workers, exact=a.exact,
+            allow_nonfinite=a.allow_nonfinite)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
     print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then pretrain_gpt.py \"${{MODEL_ARGS[@]}}\" "
@@ -93,6 +103,10 @@ def _report(hf: Path, out: Path, a) -> int:
     from .verify import verify
 
     r = verify(hf, out, device=getattr(a, "device", "cpu"), family=a.family, tol=a.tol)
+    if any(r["nonfinite"].values()):  # agreement figures over NaN mean nothing
+        print(f"verify: non-finite logits (Megatron {r['nonfinite']['megatron']}, HF {r['nonfinite']['hf']} "
+              f"of {r['tokens']} tokens x vocabulary) -> FAILED")
+        return 1
     print(f"verify: max abs err {r['max_abs_err']:.3g}, rel err {r['rel_err']:.3g} (tolerance {r['tolerance']:g}), "
           f"top-1 agreement {100 * r['top1_agreement']:.1f}% over {r['tokens']} tokens -> "
           + ("OK" if r["ok"] else "FAILED"))
@@ -154,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp, parallel=True):
         sp.add_argument("--family", help="treat the model as this family (for architectures not listed)")
+        sp.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: HF2MCORE_DEBUG=1)")
         if parallel:
             for k in ("tp", "pp", "ep"):
                 sp.add_argument(f"--{k}", type=int, default=1)
@@ -180,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
                     help="N processes on this node share the reading and writing; default auto: one per 512 MiB "
                          "of output, at most one per core, 8, and what memory holds (across nodes: launch "
                          "`torchrun ... -m converter convert ...` instead)")
+    sp.add_argument("--allow-nonfinite", action="store_true",
+                    help="convert tensors holding NaN or Inf (by default they stop the conversion by name)")
     sp.add_argument("--quantize", metavar="FORMAT", help="write a ModelOpt-quantized checkpoint instead (CUDA)")
     _quant_options(sp)
     common(sp)
@@ -218,6 +236,29 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    debug = a.debug or os.environ.get("HF2MCORE_DEBUG", "") not in ("", "0")
+    install()  # SIGTERM / SIGINT: the cleanup runs, then one line and 143 / 130
+    try:
+        return _run(a)
+    except BaseException as exc:
+        if debug or isinstance(exc, SystemExit):
+            raise
+        stop = stopped(exc)
+        if stop:
+            print(f"hf2mcore: stopped by {stop}; nothing was published (the partial output was removed)",
+                  file=sys.stderr)
+            return stop.exit_code
+        cause = root_failure(exc)
+        # bad input and the environment (unreadable paths or files, a full disk, bad numbers) are the user's to fix
+        # (and whatever stops torch from reading a checkpoint's files: they are corrupt or not a checkpoint)
+        user = cause is not exc or isinstance(cause, (ConversionError, OSError, ValueError, EOFError,
+                                                      pickle.UnpicklingError))
+        print(f"hf2mcore: {'error' if user else 'internal error'}: {one_line(exc)}"
+              + ("" if user else " (run with --debug for the traceback)"), file=sys.stderr)
+        return 2 if user else 1
+
+
+def _run(a) -> int:
     _quiet()
     if a.command in ("inspect", "export") or (a.command == "convert" and not a.quantize):
         # File work only: no process (nor --workers rank) sets up CUDA or binds to a GPU it does not need.
@@ -228,14 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         import_megatron_eager()
     # what the imports allocated stays alive for the whole run: the collector need not scan it again (0.1-0.2 s)
     gc.freeze()
-    try:
-        return a.fn(a)
-    except ConversionError as exc:
-        print(f"hf2mcore: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:  # unreadable paths, bad numbers: still the user's input
-        print(f"hf2mcore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    return a.fn(a)
 
 
 def run() -> None:

@@ -33,6 +33,11 @@ DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_
              "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
              "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step")
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}
+# Sizes beyond these are not a model but a broken or hostile config: refused before anything is built from them
+# (the largest public models stay far below: 126 layers, hidden 16384, 256k vocabulary, 384 experts).
+BOUNDS = {"num_layers": 4096, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 20, "num_attention_heads": 4096,
+          "num_query_groups": 4096, "head_dim": 1 << 14, "vocab_size": 1 << 24, "num_experts": 1 << 16,
+          "topk": 1 << 16, "moe_ffn": 1 << 20, "max_position_embeddings": 1 << 32}
 
 
 def read_config(path: str | Path) -> dict:
@@ -53,15 +58,32 @@ def read_config(path: str | Path) -> dict:
 def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
     """Derive the Megatron view of an HF model from its config.json (a directory, a file or a dict)."""
     raw = path if isinstance(path, dict) else read_config(path)
-    archs = raw.get("architectures") or []
+    archs = _typed(raw, "architectures", list) or []
+    if not all(isinstance(a, str) for a in archs):
+        raise ConversionError(f"config field architectures={archs!r:.80} must be a list of class names")
     arch = archs[0] if archs else None
     fam = _family(arch, family)
     if fam.refuse:
         raise ConversionError(f"{arch}: not supported: {fam.refuse}")
     # Multimodal wrappers keep the language model's fields in text_config.
-    text = {**raw, **raw.get("text_config", {})}
-    cfg = {**_hf_defaults(text.get("model_type")), **text}
-    return _Deriver(cfg, arch or fam.name, fam).spec().replace(hf_config=raw)
+    text = {**raw, **(_typed(raw, "text_config", dict) or {})}
+    cfg = {**_hf_defaults(_typed(text, "model_type", str)), **text}
+    try:
+        spec = _Deriver(cfg, arch or fam.name, fam).spec()
+    except (TypeError, ValueError, AttributeError) as exc:  # a field of a type no check above foresaw
+        raise ConversionError(f"config.json has a field of an unexpected type or value: {exc}") from exc
+    return spec.replace(hf_config=raw)
+
+
+def _typed(cfg: dict, key: str, kind: type | tuple[type, ...]):
+    """cfg[key] (None if absent or null), refused by name when it is not of the kind the field has in HF configs."""
+    v = cfg.get(key)
+    numeric = kind in (int, float, (int, float))
+    if v is not None and (not isinstance(v, kind) or (numeric and isinstance(v, bool))):
+        want = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false",
+                (int, float): "a number"}.get(kind, str(kind))
+        raise ConversionError(f"config field {key}={v!r:.80} must be {want}")
+    return v
 
 
 def _family(arch: str | None, name: str | None) -> mappings.base.Family:
@@ -128,10 +150,12 @@ class _Deriver:
         self.implied = fam.architectures.get(arch, {})
         self.warnings: list[str] = []
 
-    def get(self, key: str, default: Any = None, required: bool = False) -> Any:
+    def get(self, key: str, default: Any = None, required: bool = False, kind: type | tuple | None = None) -> Any:
+        """The first alias the config sets, else what the architecture implies, else default; `kind`: the
+        type the field must have (refused by name otherwise)."""
         for name in ALIASES.get(key, (key,)):
             if self.cfg.get(name) is not None:
-                return self.cfg[name]
+                return self.cfg[name] if kind is None else _typed(self.cfg, name, kind)
         for name in ALIASES.get(key, (key,)):  # what the architecture's modeling code fixes
             if name in self.implied:
                 return self.implied[name]
@@ -139,12 +163,18 @@ class _Deriver:
             raise ConversionError(f"config.json lacks {' / '.join(ALIASES.get(key, (key,)))}")
         return default
 
+    def number(self, key: str, default: float) -> float:
+        return float(self.get(key, default, kind=(int, float)))
+
     def int_field(self, key: str, default: Any = None, required: bool = False) -> int | None:
         v = self.get(key, default, required)
         if v is None:
             return None
+        name = ALIASES.get(key, (key,))[0]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConversionError(f"config field {ALIASES.get(key, (key,))[0]}={v!r} must be a positive integer")
+            raise ConversionError(f"config field {name}={v!r:.80} must be a positive integer")
+        if v > BOUNDS.get(key, v):
+            raise ConversionError(f"config field {name}={v} is beyond any real model (at most {BOUNDS[key]})")
         return v
 
     def refuse(self, feature: str) -> None:
@@ -162,10 +192,10 @@ class _Deriver:
                 raise ConversionError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} "
                                       "and config.json has no head_dim")
             head_dim = hidden // heads
-        act = self.get("activation", "silu")
+        act = self.get("activation", "silu", kind=str)
         if act not in GATED_ACTIVATIONS:
             self.refuse(f"hidden_act={act!r} (Megatron-LM's gated MLPs are --swiglu and --quick-geglu)")
-        attn_bias, mlp_bias = bool(self.get("attention_bias", False)), bool(self.get("mlp_bias", False))
+        attn_bias, mlp_bias = self.get("attention_bias", False, kind=bool), self.get("mlp_bias", False, kind=bool)
         qkv_bias = attn_bias
         if self.implied.get("attention_bias_is_qkv_only"):  # e.g. GLM-4.5: o_proj never has a bias
             attn_bias = False
@@ -175,7 +205,7 @@ class _Deriver:
         for f in ("attn_logit_softcapping", "final_logit_softcapping"):
             if self.get(f):
                 self.refuse(f"{f}={self.get(f)} (megatron-core has no logit soft-capping)")
-        quant = self.get("quantization_config")
+        quant = self.get("quantization_config", kind=dict)
         if quant:
             self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
                                  f"{quant.get('quant_method')!r}); convert reads them dequantized")
@@ -185,10 +215,11 @@ class _Deriver:
             ffn_hidden_size=g("ffn_hidden_size", required=True), num_attention_heads=heads,
             num_query_groups=groups, kv_channels=head_dim, vocab_size=g("vocab_size", required=True),
             max_position_embeddings=g("max_position_embeddings", 4096),
-            norm_epsilon=float(self.get("norm_epsilon", 1e-6)),
-            activation=self.implied.get("glu") or GATED_ACTIVATIONS[act], glu_clamp=self.get("swiglu_limit"),
+            norm_epsilon=self.number("norm_epsilon", 1e-6),
+            activation=self.implied.get("glu") or GATED_ACTIVATIONS[act],
+            glu_clamp=self.get("swiglu_limit", kind=(int, float)),
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
-            tie_word_embeddings=bool(self.get("tie_word_embeddings", False)),
+            tie_word_embeddings=self.get("tie_word_embeddings", False, kind=bool),
             rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(), **self._window(),
             nope_layers=self._nope_layers(num_layers),
         )
@@ -197,7 +228,7 @@ class _Deriver:
 
     def _qk_norm(self) -> dict:
         """use_qk_norm: RMSNorm with weights (GLM), or a weightless L2 norm where the architecture says so (Llama 4)."""
-        on = bool(self.get("use_qk_norm", False))
+        on = self.get("use_qk_norm", False, kind=bool)
         l2 = on and bool(self.implied.get("qk_norm_is_l2"))
         return {"qk_layernorm": on and not l2, "qk_l2_norm": l2}
 
@@ -205,8 +236,10 @@ class _Deriver:
         """Layers without rotary embeddings (Llama 4's no_rope_layers: 1 = uses rope; empty = every 4th is NoPE)."""
         if "no_rope_layers" not in self.cfg:
             return None
-        uses = self.cfg["no_rope_layers"] or [int((i + 1) % int(self.get("no_rope_layer_interval", 4)) != 0)
-                                              for i in range(n)]
+        interval = self.int_field("no_rope_layer_interval", 4)
+        uses = _typed(self.cfg, "no_rope_layers", list) or [int((i + 1) % interval != 0) for i in range(n)]
+        if len(uses) != n or not all(u in (0, 1) for u in uses):
+            raise ConversionError(f"config field no_rope_layers={uses!r:.80} must be {n} entries of 0 or 1")
         effects = {}
         if self.get("attention_chunk_size"):
             effects["attention_chunk_size"] = "attention is chunked every {} tokens on rope layers"
@@ -219,42 +252,43 @@ class _Deriver:
 
     def _window(self) -> dict:
         """sliding_window (every layer, or the `sliding_attention` entries of layer_types)."""
-        window = self.get("sliding_window")
+        window = self.get("sliding_window", kind=int)
         if not window or not self.get("use_sliding_window", True):
             return {}
-        types = self.get("layer_types")
+        types = self.get("layer_types", kind=list)
         if not types:
-            return {"window": int(window)}
+            return {"window": window}
         odd = sorted(set(types) - {"sliding_attention", "full_attention"})
         if odd:
             self.refuse(f"layer_types {odd}")
-        return {"window": int(window), "window_layers": tuple(int(t == "sliding_attention") for t in types)}
+        return {"window": window, "window_layers": tuple(int(t == "sliding_attention") for t in types)}
 
     def _rope(self) -> RopeSpec:
-        params = {**(self.get("rope_scaling") or {}), **(self.get("rope_parameters") or {})}
+        params = {**(self.get("rope_scaling", kind=dict) or {}), **(self.get("rope_parameters", kind=dict) or {})}
+        num = lambda k, default: float(_typed(params, k, (int, float)) if k in params else default)  # noqa: E731
         if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
             self.refuse("per-layer-type rope_parameters")
-        theta = float(params.get("rope_theta", self.get("rope_theta", 10000.0)))
-        kind = params.get("rope_type", params.get("type")) or "default"
-        percent = float(params.get("partial_rotary_factor", self.get("partial_rotary_factor", 1.0)))
+        theta = num("rope_theta", self.number("rope_theta", 10000.0))
+        kind = _typed(params, "rope_type", str) or _typed(params, "type", str) or "default"
+        percent = num("partial_rotary_factor", self.number("partial_rotary_factor", 1.0))
         if percent != 1.0 and kind != "default":
             self.refuse(f"partial_rotary_factor={percent} with {kind} rope scaling")
         if kind == "default":
             return RopeSpec(theta=theta, percent=percent, interleaved=bool(self.get("rope_interleaved", False)))
-        factor = float(params.get("factor", 1.0))
+        factor = num("factor", 1.0)
         if kind == "llama3":
-            got = {k: float(params.get(k, want)) for k, want in MCORE_LLAMA3.items()}
+            got = {k: num(k, want) for k, want in MCORE_LLAMA3.items()}
             return RopeSpec(kind="llama3", theta=theta, factor=factor, low_freq_factor=got["low_freq_factor"],
                             high_freq_factor=got["high_freq_factor"],
                             original_max_position_embeddings=int(got["original_max_position_embeddings"]),
                             interleaved=bool(self.get("rope_interleaved", False)))
         if kind == "yarn":
-            omp = params.get("original_max_position_embeddings") or self.get("original_max_position_embeddings")
+            omp = (_typed(params, "original_max_position_embeddings", int)
+                   or self.get("original_max_position_embeddings", kind=int))
             return RopeSpec(kind="yarn", theta=theta, factor=factor, original_max_position_embeddings=omp,
                             truncate=params.get("truncate", True) is not False,
-                            beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
-                            mscale=float(params.get("mscale", 1.0)),
-                            mscale_all_dim=float(params.get("mscale_all_dim", 0.0)))
+                            beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1), mscale=num("mscale", 1.0),
+                            mscale_all_dim=num("mscale_all_dim", 0.0))
         self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, llama3 and yarn rope)")
 
     def _moe(self, num_layers: int) -> MoESpec | None:
@@ -262,21 +296,22 @@ class _Deriver:
         if not experts:
             return None
         topk = self.int_field("topk", required=True)
-        ffn = self.get("moe_ffn") or self.get("intermediate_size") or self.get("ffn_hidden_size")
+        ffn = self.int_field("moe_ffn") or self.int_field("intermediate_size") or self.int_field("ffn_hidden_size")
         pattern = self._moe_pattern(num_layers)
-        shared = self.get("shared_expert_intermediate_size") or (self.get("n_shared_experts") or 0) * ffn
-        score = self.get("scoring_func", "softmax")
+        shared = (self.get("shared_expert_intermediate_size", kind=int)
+                  or (self.get("n_shared_experts", kind=int) or 0) * ffn)
+        score = self.get("scoring_func", "softmax", kind=str)
         if score not in ("softmax", "sigmoid"):
             self.refuse(f"scoring_func={score!r}")
-        norm = bool(self.implied.get("norm_topk_prob", self.get("norm_topk_prob", False)))
+        norm = bool(self.implied.get("norm_topk_prob", self.get("norm_topk_prob", False, kind=bool)))
         if score == "sigmoid" and not norm and topk > 1:
             self.refuse("scoring_func='sigmoid' with norm_topk_prob=false (megatron-core renormalises sigmoid top-k)")
-        method = self.get("topk_method", "greedy")
-        n_group, topk_group = self.get("n_group") or 1, self.get("topk_group") or 1
+        method = self.get("topk_method", "greedy", kind=str)
+        n_group, topk_group = self.int_field("n_group") or 1, self.int_field("topk_group") or 1
         if method not in ("greedy", "noaux_tc"):
             self.refuse(f"topk_method={method!r} (megatron-core's group routing scores groups by their top-2 sum, "
                         "as noaux_tc does)")
-        scaling = self.get("routed_scaling_factor")
+        scaling = self.get("routed_scaling_factor", kind=(int, float))
         grouped = method == "noaux_tc" and n_group > 1
         return MoESpec(
             num_experts=experts, topk=topk, ffn_hidden_size=ffn, layer_pattern=pattern, shared_expert_size=shared,
@@ -291,10 +326,12 @@ class _Deriver:
     def _moe_pattern(self, n: int) -> tuple[int, ...]:
         """1 marks a MoE layer: DeepSeek first_k_dense_replace/moe_layer_freq, Qwen decoder_sparse_step/
         mlp_only_layers, Llama-4 interleave_moe_layer_step."""
-        first_dense = self.get("first_k_dense_replace", 0)
-        freq = self.get("moe_layer_freq", 1)
-        step = self.get("decoder_sparse_step") or self.get("interleave_moe_layer_step") or 1
-        dense_only = set(self.get("mlp_only_layers") or [])
+        first_dense = self.get("first_k_dense_replace", 0, kind=int)
+        freq = self.int_field("moe_layer_freq", 1)
+        step = self.int_field("decoder_sparse_step") or self.int_field("interleave_moe_layer_step") or 1
+        dense_only = self.get("mlp_only_layers", [], kind=list)
+        if not all(isinstance(i, int) for i in dense_only):
+            raise ConversionError(f"config field mlp_only_layers={dense_only!r:.80} must list layer numbers")
         pattern = tuple(int(i >= first_dense and i % freq == 0 and (i + 1) % step == 0 and i not in dense_only)
                         for i in range(n))
         if not any(pattern):
@@ -302,13 +339,14 @@ class _Deriver:
         return pattern
 
     def _mla(self) -> MLASpec | None:
-        kv_rank = self.get("kv_lora_rank")
+        kv_rank = self.int_field("kv_lora_rank")
         if not kv_rank:
             return None
-        return MLASpec(q_lora_rank=self.get("q_lora_rank"), kv_lora_rank=kv_rank,
-                       qk_head_dim=self.get("qk_nope_head_dim", required=True),
-                       qk_pos_emb_head_dim=self.get("qk_rope_head_dim", required=True),
-                       v_head_dim=self.get("v_head_dim", required=True))
+        g = self.int_field
+        return MLASpec(q_lora_rank=g("q_lora_rank"), kv_lora_rank=kv_rank,
+                       qk_head_dim=g("qk_nope_head_dim", required=True),
+                       qk_pos_emb_head_dim=g("qk_rope_head_dim", required=True),
+                       v_head_dim=g("v_head_dim", required=True))
 
 
 def hf_param_count(spec: ModelSpec) -> int:

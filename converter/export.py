@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -60,7 +61,8 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
             bar.update(t.numel() * t.element_size(), name)
             yield from plan.jobs[name].to_hf(t)
 
-    with atomic_dir(out_dir) as tmp:
+    need = sum(math.prod(j.ctx.shape) for j in plan.jobs.values()) * (dt or torch.bfloat16).itemsize
+    with atomic_dir(out_dir, overwrite, need) as tmp:
         # HF checkpoints list tensors in name order; keep that so files compare cleanly.
         write_sharded(repack(hf_tensors(), spec.moe.num_experts if spec.moe else 0), tmp, parse_size(shard_size))
         bar.close()

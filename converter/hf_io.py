@@ -34,9 +34,14 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise ConversionError(f"{index} is not a safetensors index: {exc}") from exc
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: weight_map must map tensor names to file names")
             files = sorted(set(weight_map.values()))
+            for f in files:  # a shard named by the index is a file of this directory, never one elsewhere
+                if Path(f).is_absolute() or ".." in Path(f).parts or not Path(f).parts:
+                    raise ConversionError(f"{index} names the shard {f!r}, outside {self.path}: refused")
         else:
             files = [p.name for p in sorted(self.path.glob("*.safetensors"))]
             if not files:

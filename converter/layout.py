@@ -144,7 +144,7 @@ def load_common(ckpt: Path) -> dict:
     """The common state (Megatron-LM's `args`, the iteration), read through the allow-lists."""
     from megatron.core import dist_checkpointing
 
-    from .untrusted import read_errors, reading, refusal
+    from .untrusted import failed_read, read_errors, reading
 
     try:
         with reading():
@@ -152,8 +152,7 @@ def load_common(ckpt: Path) -> dict:
     except ConversionError:
         raise
     except read_errors() as exc:
-        raise refusal(exc) or ConversionError(f"cannot read the common state of {ckpt}: "
-                                              f"{str(exc).splitlines()[0][:300]}") from exc
+        raise failed_read(exc, f"the common state of {ckpt}") from exc
 
 
 def megatron_view(root: Path, ckpt: Path) -> tuple[dict, dict | None]:

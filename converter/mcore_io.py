@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, causes
 
 CONTENT_METADATA = {"singleton_local_shards": False}
 
@@ -282,6 +282,11 @@ def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, c
         with cpu_patches():
             dist_checkpointing.save(sharded, str(ckpt_dir), sharded_strategy=strategy,
                                     content_metadata=dict(CONTENT_METADATA))
+    except BaseException as exc:  # DCP wraps what `make` raised (a bad tensor) in its CheckpointException
+        reason = next((e for e in causes(exc) if isinstance(e, ConversionError)), None)
+        if reason is None or reason is exc:
+            raise
+        raise reason.with_traceback(None) from exc
     finally:
         resolver.close()
     return list(resolver.views)
@@ -416,7 +421,7 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
 
     from .layout import find_checkpoint
     from .runtime import cpu_patches
-    from .untrusted import read_errors, reading, refusal
+    from .untrusted import failed_read, read_errors, reading
 
     ckpt = find_checkpoint(ckpt_dir)
     with cpu_patches(), reading():
@@ -427,6 +432,6 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
         except ConversionError:
             raise
         except read_errors() as exc:
-            raise refusal(exc) or ConversionError(f"cannot load {ckpt}: {str(exc).splitlines()[0][:500]}") from exc
+            raise failed_read(exc, str(ckpt)) from exc
         own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)

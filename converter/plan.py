@@ -91,6 +91,34 @@ def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
     return Plan(jobs, tuple(ignored))
 
 
+def check_source(spec: ModelSpec, hf_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Before anything is built from the config: the weights hold as many layers as it says, and its vocabulary
+    and hidden size (a config that says 4000 layers would otherwise build them all before the first mismatch)."""
+    family = mappings.FAMILIES[spec.family]
+    prefixes = {p.split("{i}")[0] for r in family.rules for p in r.hf if "{i}" in p}
+    found = set()
+    for name in hf_shapes:
+        for prefix in prefixes:
+            head, _, _ = name.removeprefix(prefix).partition(".")
+            if name.startswith(prefix) and head.isascii() and head.isdigit():
+                found.add(int(head))
+    extra = _mtp_layers(spec)
+    held = max(found, default=-1) + 1
+    if not spec.num_layers <= held <= spec.num_layers + extra:
+        raise ConversionError(f"config.json says {spec.num_layers} layers; the weights hold {held} "
+                              f"(numbered after {' or '.join(sorted(prefixes))})")
+    embed = next((r.hf[0] for r in family.rules if r.mcore == "embedding.word_embeddings.weight"), None)
+    want = (spec.vocab_size, spec.hidden_size)
+    if embed in hf_shapes and tuple(hf_shapes[embed]) != want:
+        raise ConversionError(f"config.json says vocab_size={want[0]}, hidden_size={want[1]}; the weights' {embed} "
+                              f"is {tuple(hf_shapes[embed])}")
+
+
+def _mtp_layers(spec: ModelSpec) -> int:
+    """Multi-token-prediction layers stored after the last decoder layer."""
+    return spec.hf_config.get("num_nextn_predict_layers") or 0
+
+
 def _match(rules, name):
     for rule in rules:
         fields = rule.match(name)
@@ -103,7 +131,7 @@ def _implied_ignores(spec: ModelSpec) -> list[re.Pattern]:
     out = []
     if spec.tie_word_embeddings:  # some tied checkpoints still store the shared matrix twice
         out.append(re.compile(r"lm_head\.weight"))
-    n = spec.hf_config.get("num_nextn_predict_layers") or 0
+    n = _mtp_layers(spec)
     if n:  # multi-token-prediction layers after the last decoder layer: not part of the HF forward
         layers = "|".join(str(spec.num_layers + k) for k in range(n))
         out.append(re.compile(rf"model\.layers\.({layers})\..*"))

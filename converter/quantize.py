@@ -288,7 +288,7 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     if export_hf is not None:
         from modelopt.torch.export import export_mcore_gpt_to_hf
 
-        with atomic_dir(export_hf) as tmp:
+        with atomic_dir(export_hf, overwrite) as tmp:
             export_mcore_gpt_to_hf(model, str(hf_dir), dtype=torch.bfloat16, export_dir=str(tmp))
         report["export_hf"] = str(export_hf)
     save_model(model, out_dir, spec, overwrite=overwrite, extra=extra)
@@ -298,12 +298,15 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
 def load_quantized(ckpt_dir: str | Path, device: str = "cuda", family: str | None = None):
     """A quantized checkpoint written by `quantize_checkpoint`, in a fresh process: restore ModelOpt's state
     (the quantizer modules), then the weights and scales."""
-    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
+    from unittest import mock
+
+    from modelopt.torch.opt.plugins import mcore_dist_checkpointing as mcd
 
     from . import layout
     from .derive import derive
     from .mcore_io import load_into
     from .runtime import cpu_patches, ensure_distributed
+    from .untrusted import load_plain, reading
 
     _mtq()
     ckpt = layout.find_checkpoint(ckpt_dir)
@@ -313,7 +316,9 @@ def load_quantized(ckpt_dir: str | Path, device: str = "cuda", family: str | Non
     with torch.no_grad():  # restoring runs the weight quantizers once (to size their scales): weights must be
         for p in model.parameters():  # finite, not the uninitialised memory build_model leaves; load overwrites them
             p.zero_()
-    with cpu_patches():
-        restore_sharded_modelopt_state([model], str(ckpt))
+    # ModelOpt's state is unpickled too: DCP's byte items, or a legacy common.pt through its safe_load (which
+    # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns into a plain pickle.load): all through the allow-lists
+    with cpu_patches(), reading(), mock.patch.object(mcd, "safe_load", lambda f, **kw: load_plain(f, "modelopt_state")):
+        mcd.restore_sharded_modelopt_state([model], str(ckpt))
     load_into(model, ckpt)
     return model.eval()

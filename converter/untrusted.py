@@ -15,7 +15,7 @@ from unittest import mock
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, causes, one_line
 
 # What DCP's Metadata pickles to (torch 2.14), and nothing that can run code: dataclasses of sizes and offsets,
 # enums, torch.Size, dtypes, layouts by name, paths.
@@ -65,18 +65,24 @@ def _read_metadata(self, *args, **kwargs):
     return metadata
 
 
-def _load_bytes(self, read_item, value) -> None:
-    """DefaultLoadPlanner.load_bytes with torch's weights_only unpickler and megatron-core's safe globals."""
+def load_plain(f, what: str):
+    """torch.load through torch's weights_only unpickler with megatron-core's safe globals, whatever
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says; a refused class stops the read naming it and `what`."""
     from megatron.core.safe_globals import SAFE_GLOBALS
 
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(value, weights_only=True)
+            return torch.load(f, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        what = f"the global {m.group(1)}" if m else str(exc).splitlines()[0][:200]
-        raise _refuse(f"refusing to unpickle {what} in {read_item.dest_index.fqn} of the checkpoint: only plain "
-                      "data and megatron-core's safe classes are read (a crafted checkpoint would run code)") from None
+        found = f"the global {m.group(1)}" if m else str(exc).splitlines()[0][:200]
+        raise _refuse(f"refusing to unpickle {found} in {what} of the checkpoint: only plain data and "
+                      "megatron-core's safe classes are read (a crafted checkpoint would run code)") from None
+
+
+def _load_bytes(self, read_item, value) -> None:
+    """DefaultLoadPlanner.load_bytes through load_plain."""
+    obj = load_plain(value, read_item.dest_index.fqn)
     if self.flatten_state_dict:
         from torch.distributed.checkpoint._nested_dict import set_element
 
@@ -95,18 +101,13 @@ def read_errors() -> tuple[type[BaseException], ...]:
 def refusal(exc: BaseException) -> ConversionError | None:
     """The ConversionError a read raised, where DCP or megatron-core wrapped it (CheckpointException keeps each
     rank's exception in `failures`)."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ConversionError):
-            return e
-        todo += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():
-            todo.append(failure[0] if isinstance(failure, tuple) else failure)
-    return _REFUSED[-1] if _REFUSED else None
+    found = next((e for e in causes(exc) if isinstance(e, ConversionError)), None)
+    return found or (_REFUSED[-1] if _REFUSED else None)
+
+
+def failed_read(exc: BaseException, what: str) -> ConversionError:
+    """The one-line error for a read of `what` that raised exc: the refusal behind it, else its root failure."""
+    return refusal(exc) or ConversionError(f"cannot read {what}: {one_line(exc, 300)}")
 
 
 @contextlib.contextmanager

@@ -44,9 +44,11 @@ def checkpoint_dtype(ckpt: Path) -> torch.dtype:
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Errors of `out` against `ref`; `nonfinite` counts NaN/Inf on each side (any makes the comparison void)."""
     diff = (out - ref).abs()
     return {"max_abs_err": diff.max().item(), "rel_err": (diff.max() / ref.abs().max()).item(),
-            "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(), "tokens": ref.shape[1]}
+            "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(), "tokens": ref.shape[1],
+            "nonfinite": {"megatron": int((~out.isfinite()).sum()), "hf": int((~ref.isfinite()).sum())}}
 
 
 def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text: str = SAMPLE_TEXT,
@@ -78,7 +80,8 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
         ref = hf(ids.to(device)).logits.float().cpu()
     report = {"hf": str(hf_dir), "megatron": str(ckpt), "checkpoint_dtype": str(dt).removeprefix("torch."),
               **compare(out, ref), "tolerance": tol, "megatron_lm_gaps": layout.gap_lines(spec, settings)}
-    report["ok"] = report["rel_err"] <= tol and report["top1_agreement"] == 1.0
+    report["ok"] = (not any(report["nonfinite"].values()) and report["rel_err"] <= tol
+                    and report["top1_agreement"] == 1.0)
     return report
 
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .errors import ConversionError
 from .runtime import release_own_group
+from .stopping import STOP_SIGNALS, Stopped, die_with_parent, install, stopped
 
 # after one rank fails, how long the others get to notice (gloo raises when a peer's socket closes) and clean up
 GRACE_S = 30.0
@@ -62,11 +63,11 @@ def run_forked(n: int, fn: Callable[[], None]) -> None:
     sys.stderr.flush()
     with tempfile.TemporaryDirectory(prefix="hf2mcore-workers-") as tmp:
         store = os.path.join(tmp, "store")
-        ranks = {}
+        ranks, parent = {}, os.getpid()
         for rank in range(n):
             pid = os.fork()
             if pid == 0:
-                _rank_main(rank, n, store, os.path.join(tmp, f"error-{rank}"), fn)
+                _rank_main(rank, n, store, os.path.join(tmp, f"error-{rank}"), fn, parent)
             ranks[pid] = rank
         failed, killed = _wait_all(ranks)
         if failed:
@@ -79,12 +80,18 @@ def _cause(failed: dict[int, int], killed: set[int], tmp: str) -> Exception:
     for rank, code in failed.items():
         if code < 0 and rank not in killed:
             return RuntimeError(f"worker rank {rank} was killed by signal {-code}")
+        if code - 128 in STOP_SIGNALS:
+            return Stopped(code - 128)
     written = {r: p for r in failed if os.path.exists(p := os.path.join(tmp, f"error-{r}"))}
     if not written:
         return RuntimeError(f"worker ranks {sorted(failed)} failed without a message")
     rank = min(written, key=lambda r: os.stat(written[r]).st_mtime_ns)
     msg = open(written[rank]).read()
-    return ConversionError(msg) if failed[rank] == 2 else RuntimeError(f"worker rank {rank} failed:\n{msg}")
+    if failed[rank] == 2:
+        return ConversionError(msg)
+    exc = RuntimeError(f"worker rank {rank} failed: {msg.strip().splitlines()[-1]}")
+    exc.add_note(msg)  # its traceback, shown with --debug
+    return exc
 
 
 def _wait_all(ranks: dict[int, int]) -> tuple[dict[int, int], set[int]]:
@@ -92,12 +99,14 @@ def _wait_all(ranks: dict[int, int]) -> tuple[dict[int, int], set[int]]:
     own pids (waitpid(-1) would also reap children that are not ours, which their owners could then not wait for)."""
     failed: dict[int, int] = {}
     killed: set[int] = set()
-    interrupted, deadline = False, None
+    interrupted, deadline = None, None
     while ranks:
         try:
             time.sleep(0.05)
-        except KeyboardInterrupt:  # the ranks had the same SIGINT: they clean up, then this stops too
-            interrupted, deadline = True, deadline or time.monotonic() + GRACE_S
+        except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (stopping.Stopped): the ranks clean up, then this stops
+            interrupted, deadline = exc, deadline or time.monotonic() + GRACE_S
+            for pid in ranks:  # a terminal's Ctrl-C reached them too; a SIGTERM sent to this process alone did not
+                os.kill(pid, getattr(exc, "signum", signal.SIGINT))
         for pid in list(ranks):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -108,18 +117,20 @@ def _wait_all(ranks: dict[int, int]) -> tuple[dict[int, int], set[int]]:
             for pid, rank in ranks.items():
                 os.kill(pid, signal.SIGKILL)
                 killed.add(rank)
-    if interrupted:
-        raise KeyboardInterrupt
+    if interrupted is not None:
+        raise interrupted
     return failed, killed
 
 
-def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], None]) -> None:
+def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], None], parent: int) -> None:
     """A child's whole life: join the group, run fn, leave with 0, 2 (ConversionError) or 1, writing why."""
     # The parent's objects are this rank's too: its collector must not free them (a process group freed here
     # would join threads that were never forked).
     gc.freeze()
     code = 1
     try:
+        die_with_parent(parent)
+        install()
         # the ranks are the parallelism; and OpenMP's pool, if the parent used one, does not survive a fork
         torch.set_num_threads(1)
         dist.init_process_group("gloo", store=dist.FileStore(store, n), rank=rank, world_size=n)
@@ -128,8 +139,11 @@ def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], 
     except ConversionError as exc:
         code = 2
         _write(error_path, str(exc))
-    except BaseException:  # the parent shows it if this rank failed first; later ones follow from it
-        _write(error_path, traceback.format_exc())
+    except BaseException as exc:
+        if stopped(exc):  # its cleanup ran; the parent reports the signal
+            code = stopped(exc).exit_code
+        else:  # the parent shows it if this rank failed first; later ones follow from it
+            _write(error_path, traceback.format_exc())
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
