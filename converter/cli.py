@@ -81,14 +81,15 @@ def cmd_convert(a) -> int:
         raise ConversionError("--verify runs in one process: verify after the parallel conversion")
     convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
             family=a.family, progress=not a.no_progress, workers=a.workers, exact=a.exact,
-            allow_nonfinite=a.allow_nonfinite)
+            allow_nonfinite=a.allow_nonfinite, mtp=not a.no_mtp)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
     print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then pretrain_gpt.py \"${{MODEL_ARGS[@]}}\" "
           f"--load {out} --finetune)")
     from .layout import manifest
 
-    for w in manifest(out).get("megatron_lm_gaps", []):
+    recorded = manifest(out)
+    for w in [*recorded.get("warnings", []), *recorded.get("megatron_lm_gaps", [])]:
         print(f"WARNING: {w}")
     if a.verify:
         return _report(hf, out, a)
@@ -198,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
                          "`torchrun ... -m converter convert ...` instead)")
     sp.add_argument("--allow-nonfinite", action="store_true",
                     help="convert tensors holding NaN or Inf (by default they stop the conversion by name)")
+    sp.add_argument("--no-mtp", action="store_true",
+                    help="leave the multi-token-prediction layers out (DeepSeek-V3, GLM-4.5; said in the output)")
     sp.add_argument("--quantize", metavar="FORMAT", help="write a ModelOpt-quantized checkpoint instead (CUDA)")
     _quant_options(sp)
     common(sp)

@@ -19,7 +19,7 @@ from .hf_io import HFCheckpoint
 from . import layout
 from .mcore_io import save_streaming
 from .model import parse_dtype
-from .plan import build_plan, check_source, mcore_shapes
+from .plan import build_plan, check_source, mcore_shapes, with_source_mtp
 from .progress import Progress
 from .rows import read_rows, readable_by_rows, row_sources
 from .runtime import ensure_distributed, launched_by_torchrun
@@ -27,7 +27,7 @@ from .runtime import ensure_distributed, launched_by_torchrun
 def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
             etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,
             family: str | None = None, progress: bool = True, workers: int | str = 1, exact: bool = False,
-            allow_nonfinite: bool = False) -> Path:
+            allow_nonfinite: bool = False, mtp: bool = True) -> Path:
     """Convert `hf_dir` into a Megatron-LM checkpoint root `out_dir` (tracker file + release/ torch_dist).
 
     tp/pp/ep/etp are validated and recorded: torch_dist reshards at load, so the files are the same for all.
@@ -35,7 +35,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     "auto": as many as the size, cores and memory make worthwhile (workers.auto_count). Under torchrun every
     rank calls this with workers=1 instead. exact: also apply, through the --spec hook, what Megatron-LM's flags
     cannot express (ModelSpec.gaps). A NaN or Inf in a tensor (as read, or after the cast to dtype) stops the
-    conversion by name unless allow_nonfinite.
+    conversion by name unless allow_nonfinite. mtp=False leaves the multi-token-prediction layers out (said in
+    the output and in hf2mcore.json; they are converted by default).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     dt = parse_dtype(dtype)
@@ -44,6 +45,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     refuse_existing(out_dir, overwrite, (hf_dir,))
     hf = open_source(hf_dir, spec)
     check_source(spec, {n: hf.shape(n) for n in hf.names()})
+    if not mtp:
+        spec = with_source_mtp(spec, hf.names(), keep=False)
     if workers == "auto":
         workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt)
     if not isinstance(workers, int) or workers < 1:
@@ -55,7 +58,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
 
         run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
                                               overwrite=overwrite, family=family, progress=progress, exact=exact,
-                                              allow_nonfinite=allow_nonfinite))
+                                              allow_nonfinite=allow_nonfinite, mtp=mtp))
         return out_dir
     ensure_distributed(cpu=True)
     ns, settings = spec.megatron_namespace(tp, pp, ep, etp, dt, exact=exact), spec.hook_settings(exact)
@@ -64,6 +67,10 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     plan = build_plan(spec, shapes, {n: hf.shape(n) for n in hf.names()})
 
     world, rank = dist.get_world_size(), dist.get_rank()
+    unequal = [_unequal_copies(hf, plan) if rank == 0 else None]  # read once, the verdict shared
+    dist.broadcast_object_list(unequal, src=0)
+    if unequal[0]:
+        raise ConversionError(unequal[0])
     total = sum(_nbytes(hf, n) for n in plan.hf_names())
     # several processes: each shows and counts its own share (about 1/world of the bytes)
     bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
@@ -106,6 +113,19 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     return out_dir
 
 
+def _unequal_copies(hf: HFCheckpoint, plan, chunk: int = 64 << 20) -> str | None:
+    """Why a tensor that should repeat another (plan.copies) cannot be dropped: Megatron shares the original."""
+    for copy, source in plan.copies.items():
+        rows = hf.shape(source)[0]
+        step = max(1, chunk // max(1, _nbytes(hf, source) // max(rows, 1)))
+        for start in range(0, rows, step):
+            box = (slice(start, min(rows, start + step)),)
+            if not torch.equal(hf.get_slice(copy, box), hf.get_slice(source, box)):
+                return (f"{copy} differs from {source} (rows from {start}): megatron-core's MTP layers share the "
+                        "main model's embedding and output head, so a different copy cannot be represented")
+    return None
+
+
 def _check_finite(job, t: torch.Tensor) -> None:
     """NaN or Inf stops the conversion: a model with them trains to NaN, and nothing else would say why.
     aminmax propagates both, at memory speed (a tenth of isfinite().all())."""
@@ -138,7 +158,9 @@ def _manifest(hf_dir: Path, cfg: bytes, hf: HFCheckpoint, spec, plan, dt, second
         "parallel": dict(zip(("tp", "pp", "ep", "etp"), par)),
         "config_sha256": hashlib.sha256(cfg).hexdigest(),
         "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in sorted(set(hf.file_of.values()))},
-        "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored)},
+        "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored),
+                    "copies": plan.copies},
+        "mtp_layers": spec.mtp_layers,
         "warnings": list(spec.warnings), "megatron_lm_gaps": layout.gap_lines(spec, settings),
         "seconds": round(seconds, 2), "processes": workers, "checked_finite": finite_checked,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

@@ -56,7 +56,8 @@ def read_config(path: str | Path) -> dict:
 
 
 def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
-    """Derive the Megatron view of an HF model from its config.json (a directory, a file or a dict)."""
+    """Derive the Megatron view of an HF model from its config.json (a directory, a file or a dict). From a
+    directory with weights, their tensor names also say which of the declared MTP layers are there."""
     raw = path if isinstance(path, dict) else read_config(path)
     archs = _typed(raw, "architectures", list) or []
     if not all(isinstance(a, str) for a in archs):
@@ -72,7 +73,19 @@ def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
         spec = _Deriver(cfg, arch or fam.name, fam).spec()
     except (TypeError, ValueError, AttributeError) as exc:  # a field of a type no check above foresaw
         raise ConversionError(f"config.json has a field of an unexpected type or value: {exc}") from exc
-    return spec.replace(hf_config=raw)
+    spec = spec.replace(hf_config=raw)
+    if spec.mtp_layers and not isinstance(path, dict) and Path(path).is_dir() and _has_weights(Path(path)):
+        from .hf_io import HFCheckpoint
+        from .plan import with_source_mtp
+
+        spec = with_source_mtp(spec, HFCheckpoint(path).names())
+    return spec
+
+
+def _has_weights(d: Path) -> bool:
+    from .hf_io import INDEX
+
+    return (d / INDEX).is_file() or any(d.glob("*.safetensors"))
 
 
 def _typed(cfg: dict, key: str, kind: type | tuple[type, ...]):
@@ -221,10 +234,17 @@ class _Deriver:
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
             tie_word_embeddings=self.get("tie_word_embeddings", False, kind=bool),
             rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(), **self._window(),
-            nope_layers=self._nope_layers(num_layers),
+            nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(),
         )
         fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
+
+    def _mtp(self) -> int:
+        """Multi-token-prediction layers (DeepSeek-V3, GLM-4.5: stored after the last decoder layer)."""
+        n = self.get("num_nextn_predict_layers", 0, kind=int)
+        if not 0 <= n <= 64:
+            raise ConversionError(f"config field num_nextn_predict_layers={n} must be between 0 and 64")
+        return n
 
     def _qk_norm(self) -> dict:
         """use_qk_norm: RMSNorm with weights (GLM), or a weightless L2 norm where the architecture says so (Llama 4)."""

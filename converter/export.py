@@ -1,7 +1,6 @@
 """Megatron-Core torch_dist checkpoint -> HF safetensors: the import plan run backwards, one tensor at a time."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -10,7 +9,6 @@ import torch
 
 from . import layout, megatron_fields
 from .atomic import atomic_dir, refuse_existing
-from .derive import derive
 from .errors import ConversionError
 from .hf_io import parse_size, write_sharded, write_side_files
 from .mcore_io import ChunkReader, params_from_checkpoint
@@ -42,9 +40,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     root = layout.root_of(ckpt)
     refuse_existing(out_dir, overwrite, (root, like))
     reader = ChunkReader(ckpt)  # reads .metadata (through the allow-list) before any work is shown
-    ns, _ = layout.megatron_view(root, ckpt)
-    cfg = layout.hf_config(root, ns, like)
-    spec = derive(cfg, family=family)
+    spec, ns, cfg = layout.checkpoint_spec(root, ckpt, like, family)
     dt = parse_dtype(dtype) if dtype else _recorded_dtype(root, cfg)
     odd = megatron_fields.shape_differences(single_process(spec.megatron_namespace()), single_process(ns))
     if odd:
@@ -53,13 +49,14 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
     ensure_distributed(cpu=True)
     # the checkpoint's own layout (e.g. MoE layers stacked or per layer), as Megatron-LM would load it
     model = build_gpt(single_process(ns), spec.hook_settings(), device="meta")
-    plan = build_plan(spec, mcore_shapes(model))
+    # repeated tensors (DeepSeek-V3's MTP copies of the embedding and head) as the converted source had them
+    plan = build_plan(spec, mcore_shapes(model), copies=layout.manifest(root).get("tensors", {}).get("copies") != {})
     bar = Progress(len(plan.jobs), 0, "export", enabled=progress)
 
     def hf_tensors():
         for name, t in mcore_tensors(model, reader, plan, dt):
             bar.update(t.numel() * t.element_size(), name)
-            yield from plan.jobs[name].to_hf(t)
+            yield from plan.to_hf(name, t)
 
     need = sum(math.prod(j.ctx.shape) for j in plan.jobs.values()) * (dt or torch.bfloat16).itemsize
     with atomic_dir(out_dir, overwrite, need) as tmp:

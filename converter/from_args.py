@@ -17,7 +17,8 @@ def hf_config_from_args(ns: dict) -> dict:
     refuse = {"multi_latent_attention": "multi-latent attention",
               "moe_shared_expert_intermediate_size": "shared experts", "add_bias_linear": "linear-layer biases",
               "window_size": "sliding-window attention", "qk_l2_norm": "q/k L2 norm", "no_rope_freq": "NoPE layers",
-              "quick_geglu": "the clamped GLU", "moe_router_enable_expert_bias": "expert bias"}
+              "quick_geglu": "the clamped GLU", "moe_router_enable_expert_bias": "expert bias",
+              "mtp_num_layers": "multi-token prediction"}
     for dest, what in refuse.items():
         if value(ns, dest) not in (None, False):
             raise ConversionError(f"{BY_DEST[dest].flag} ({what}): cannot name the HF architecture from the "

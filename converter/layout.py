@@ -187,6 +187,20 @@ def hf_config(root: Path, ns: dict, like: Path | None) -> dict:
     return recorded_hf_config(root) or hf_config_from_args(ns)
 
 
+def checkpoint_spec(root: Path, ckpt: Path, like: Path | None = None, family: str | None = None):
+    """(spec, namespace, HF config) of a Megatron checkpoint. The MTP depth is the checkpoint's own: a conversion
+    may have left the config's MTP layers out, a Megatron-LM run may have added some."""
+    from .derive import derive
+    from .megatron_fields import value
+
+    ns, _ = megatron_view(root, ckpt)
+    cfg = hf_config(root, ns, like)
+    mtp = value(ns, "mtp_num_layers") or 0
+    if mtp:  # the exported config.json declares them
+        cfg = {**cfg, "num_nextn_predict_layers": mtp}
+    return derive(cfg, family=family).replace(mtp_layers=mtp), ns, cfg
+
+
 def manifest(root: Path) -> dict:
     path = root / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -87,9 +87,10 @@ def load_hf_weights(model, hf_dir: str | Path, *, family: str | None = None) -> 
     Call on every rank of the job after the model is built (it gathers every rank's tensor list once, to check
     that the whole model is covered). Works on CPU and CUDA parameters."""
     hf_dir = Path(hf_dir)
-    spec = derive(hf_dir, family=family)
-    hf = open_source(hf_dir, spec)
     pieces = _pieces(model)
+    # the model's own MTP depth: the weights must then hold those layers
+    spec = derive(hf_dir, family=family).replace(mtp_layers=_chunks(model)[0].config.mtp_num_layers or 0)
+    hf = open_source(hf_dir, spec)
     plan = _global_plan(spec, pieces, {n: hf.shape(n) for n in hf.names()})
     filled: dict[int, int] = {}
     cached, rows = None, None
@@ -157,8 +158,8 @@ def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str 
 
     Call on every rank. Returns out_dir on rank 0, None elsewhere."""
     out_dir, like = Path(out_dir), Path(like)
-    spec = derive(like, family=family)
     first = _chunks(model)[0]
+    spec = derive(like, family=family).replace(mtp_layers=first.config.mtp_num_layers or 0)
     dt = parse_dtype(dtype) if dtype else first.config.params_dtype
     rank = dist.get_rank()
     if rank == 0:
@@ -166,7 +167,7 @@ def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str 
     pieces = _pieces(model)
     plan = _global_plan(spec, pieces)
     tensors = repack(((hf_name, t) for name, full in _gathered(plan, pieces, dt)
-                      for hf_name, t in plan.jobs[name].to_hf(full)), spec.moe.num_experts if spec.moe else 0)
+                      for hf_name, t in plan.to_hf(name, full)), spec.moe.num_experts if spec.moe else 0)
     if rank != 0:
         for _ in tensors:
             pass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +95,7 @@ TABLE: tuple[Field, ...] = (
     F("--moe-router-group-topk", "moe_router_group_topk", hf="topk_group", only_with="num_experts"),
     F("--moe-router-topk-scaling-factor", "moe_router_topk_scaling_factor", "float", hf="routed_scaling_factor", only_with="num_experts"),
     F("--moe-router-dtype", "moe_router_dtype", "str", only_with="num_experts"),
+    F("--mtp-num-layers", "mtp_num_layers", hf="num_nextn_predict_layers"),
     F("--padded-vocab-size", "padded_vocab_size", hf="vocab_size"),
     F("--make-vocab-size-divisible-by", "make_vocab_size_divisible_by", default=128),
     F("--tensor-model-parallel-size", "tensor_model_parallel_size", default=1),
@@ -298,7 +298,7 @@ SHAPES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
           "qk_layernorm", "untie_embeddings_and_output_weights", "softmax_type", "multi_latent_attention",
           "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
           "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-          "moe_router_enable_expert_bias")
+          "moe_router_enable_expert_bias", "mtp_num_layers")
 
 
 def shape_differences(a: dict, b: dict) -> list[str]:

@@ -9,7 +9,9 @@ Megatron-LM's GPTModelBuilder calls `layer_spec(model_config, vp_stage=...)` bef
 GPTModelConfig (which proxies the TransformerConfig). What the settings may hold:
 - "mla": build multi-latent attention on the local spec (megatron-core 0.19 cannot without Transformer Engine):
   a local core attention with separate key and value head sizes, and no q norm where q is not compressed.
-  Needed: Megatron-LM cannot build the model otherwise.
+  Needed: Megatron-LM cannot build the model otherwise. With MTP layers, the same for them: GPTModelBuilder
+  builds those from megatron-core's default decoder spec, not from this hook, so this makes its call of
+  `get_gpt_mtp_block_spec` (process-wide) take this spec's last layer instead.
 The rest are fixes for what Megatron-LM's flags cannot express; convert writes them only with --exact:
 - "rope_scaling_factor": llama3 rope factor (gpt_config_from_args drops --rope-scaling-factor: always 8).
 - "llama3": low/high frequency factors and original context of llama3 rope (megatron-core fixes 1, 4, 8192).
@@ -68,7 +70,23 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
                 attn.submodules.q_layernorm = IdentityOp
         if l2 is not None:
             attn.submodules.q_layernorm = attn.submodules.k_layernorm = L2Norm if l2[offset + i] else IdentityOp
+    if settings.get("mla") and transformer.mtp_num_layers and block.layer_specs:
+        _mtp_from(block.layer_specs[-1])
     return block
+
+
+def _mtp_from(layer) -> None:
+    """Have megatron-core's get_gpt_mtp_block_spec wrap `layer`, whatever decoder layer spec it is given."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    stock = getattr(gpt_layer_specs.get_gpt_mtp_block_spec, "hf2mcore_original",
+                    gpt_layer_specs.get_gpt_mtp_block_spec)
+
+    def get_gpt_mtp_block_spec(config, spec, use_transformer_engine, vp_stage=None, pp_rank=None):
+        return stock(config, layer, use_transformer_engine, vp_stage=vp_stage, pp_rank=pp_rank)
+
+    get_gpt_mtp_block_spec.hf2mcore_original = stock
+    gpt_layer_specs.get_gpt_mtp_block_spec = get_gpt_mtp_block_spec
 
 
 class LocalMLASelfAttention(MLASelfAttention):

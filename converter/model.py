@@ -91,34 +91,64 @@ def layer_spec(ns: dict, settings: dict | None, config, vp_stage: int | None):
                                     config.multi_latent_attention, normalization=config.normalization), 8.0
 
 
+def mtp_block_spec(config, vp_stage: int | None):
+    """The MTP block Megatron-LM's GPTModelBuilder builds (`mtp_block_spec`, at PP=1): megatron-core's MTP layer
+    around the last layer of its default decoder spec. Not the --spec hook's: for MLA the hook redirects this
+    call (megatron_hooks), as it does when Megatron-LM makes it."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if not config.mtp_num_layers:
+        return None
+    last = gpt_layer_specs.get_gpt_decoder_layer_specs(config, use_transformer_engine=False,
+                                                       normalization=config.normalization,
+                                                       qk_l2_norm=config.qk_l2_norm, vp_stage=vp_stage)[-1]
+    return gpt_layer_specs.get_gpt_mtp_block_spec(config, last, use_transformer_engine=False, vp_stage=vp_stage)
+
+
 def build_gpt(ns: dict, settings: dict | None, device: str = "meta", *, pre_process: bool | None = None,
               post_process: bool | None = None, vp_stage: int | None = None, **config_overrides):
     """Build this rank's GPTModel for `ns` under the current parallel state."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 
     from .runtime import cpu_patches
-
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     config = transformer_config(ns, **config_overrides)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    scaling = RotaryEmbedding._apply_scaling  # the hook's llama3 fix is process-wide: this process builds others
+    # the hook's patches are process-wide (llama3 rope, the MLA MTP spec): this process builds other models too
+    scaling, mtp = RotaryEmbedding._apply_scaling, gpt_layer_specs.get_gpt_mtp_block_spec
     try:
         spec, factor = layer_spec(ns, settings, config, vp_stage)
         kwargs = {**megatron_fields.gpt_model_kwargs(ns), "rope_scaling_factor": factor}
         # MLA's yarn embedding asks torch.cuda for a device even with use_cpu_initialization.
         with torch.device("cpu" if device == "cpu" else device), cpu_patches():
             model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=pre_process,
-                             post_process=post_process, parallel_output=False, vp_stage=vp_stage, **kwargs)
+                             post_process=post_process, parallel_output=False, vp_stage=vp_stage,
+                             mtp_block_spec=mtp_block_spec(config, vp_stage), **kwargs)
     finally:
-        RotaryEmbedding._apply_scaling = scaling
+        RotaryEmbedding._apply_scaling, gpt_layer_specs.get_gpt_mtp_block_spec = scaling, mtp
     if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
         model = model.to(device)
     return model
+
+
+def mtp_logits(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """fp32 logits [b, s, padded vocab] of each MTP depth k (position i predicts token i + k + 1), as GPTModel's
+    forward feeds its MTP block: the output head over each depth's chunk of the block's output."""
+    seen = []
+    handle = model.mtp.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        mcore_logits(model, ids)
+    finally:
+        handle.remove()
+    chunks = torch.chunk(seen[0], 1 + model.config.mtp_num_layers, dim=0)[1:]
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    with torch.no_grad():
+        return [model.output_layer(c, weight=weight)[0].transpose(0, 1).float() for c in chunks]
 
 
 def mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:

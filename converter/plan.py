@@ -6,6 +6,7 @@ Megatron tensor has a rule and its sources, every HF tensor is used exactly once
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -37,9 +38,17 @@ class Job:
 class Plan:
     jobs: dict[str, Job]  # Megatron tensor name -> job, in model order
     ignored: tuple[str, ...] = ()  # HF tensors deliberately left out
+    copies: dict[str, str] = dataclasses.field(default_factory=dict)  # HF tensor -> the HF tensor it repeats
 
     def hf_names(self) -> list[str]:
         return [s for j in self.jobs.values() for s in j.sources]
+
+    def to_hf(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Megatron tensor `name` as its HF tensors, each followed by the copies that repeat it."""
+        out = []
+        for hf_name, t in self.jobs[name].to_hf(tensor):
+            out += [(hf_name, t), *((c, t.clone()) for c, s in self.copies.items() if s == hf_name)]
+        return out
 
 
 def mcore_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -49,14 +58,15 @@ def mcore_shapes(model) -> dict[str, tuple[int, ...]]:
 
 
 def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
-               hf_shapes: dict[str, tuple[int, ...]] | None = None) -> Plan:
+               hf_shapes: dict[str, tuple[int, ...]] | None = None, copies: bool = True) -> Plan:
     """`shapes`: Megatron names at TP=1 (global layer numbers); `hf_shapes`: the source checkpoint's tensors
-    (None when exporting without one: then the HF side is whatever the rules name)."""
+    (None when exporting without one: then the HF side is whatever the rules name, and the family's copies
+    too unless `copies` is False)."""
     family = mappings.FAMILIES[spec.family]
     jobs: dict[str, Job] = {}
     unmapped = []
     for name, shape in shapes.items():
-        found = _match(family.rules, name)
+        found = _match(family.rules, _rule_name(spec, name))
         if found is None:
             unmapped.append(name)
             continue
@@ -67,7 +77,8 @@ def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
     if unmapped:
         raise ConversionError(f"family {family.name!r} has no rule for {len(unmapped)} Megatron tensors: "
                               + ", ".join(unmapped[:8]))
-    plan = Plan(jobs)
+    dup = _copies(spec, family, jobs, hf_shapes, copies)
+    plan = Plan(jobs, copies=dup)
     used: dict[str, str] = {}
     for j in jobs.values():
         for s in j.sources:
@@ -81,14 +92,44 @@ def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
         raise ConversionError(f"the HF checkpoint lacks {len(missing)} tensors the model needs: "
                               + ", ".join(missing[:8]))
     ignore = [re.compile(p) for p in family.ignore] + _implied_ignores(spec)
-    ignored = [n for n in hf_shapes if n not in used and any(p.fullmatch(n) for p in ignore)]
-    unused = [n for n in hf_shapes if n not in used and n not in ignored]
+    ignored = [n for n in hf_shapes if n not in used and n not in dup and any(p.fullmatch(n) for p in ignore)]
+    unused = [n for n in hf_shapes if n not in used and n not in dup and n not in ignored]
     if unused:
         raise ConversionError(f"{len(unused)} HF tensors have no place in the Megatron model: "
                               + ", ".join(unused[:8]))
     for j in jobs.values():
         _check_shapes(j, [hf_shapes[s] for s in j.sources])
-    return Plan(jobs, tuple(ignored))
+    for c, s in dup.items():
+        if tuple(hf_shapes[c]) != tuple(hf_shapes[s]):
+            raise ConversionError(f"{c} {tuple(hf_shapes[c])} should repeat {s} {tuple(hf_shapes[s])}")
+    return Plan(jobs, tuple(ignored), dup)
+
+
+_MTP = re.compile(r"mtp\.layers\.(\d+)\.(.*)")
+
+
+def _rule_name(spec: ModelSpec, name: str) -> str:
+    """The name the family rules know a Megatron tensor by: MTP layer m is HF layer num_layers + m, and its
+    decoder layer (`mtp_model_layer`) is named as a decoder layer of that number."""
+    m = _MTP.fullmatch(name)
+    if m is None:
+        return name
+    i, rest = spec.num_layers + int(m.group(1)), m.group(2)
+    if rest.startswith("mtp_model_layer."):
+        return f"decoder.layers.{i}.{rest.removeprefix('mtp_model_layer.')}"
+    return f"mtp.layers.{i}.{rest}"
+
+
+def _copies(spec, family, jobs, hf_shapes, wanted: bool) -> dict[str, str]:
+    """The family's repeated HF tensors for this model's MTP layers: those the source holds, or (export) all."""
+    out = {}
+    for i in range(spec.num_layers, spec.num_layers + spec.mtp_layers):
+        for pattern, mcore in family.copies.items():
+            job = jobs.get(mcore) or jobs.get("embedding.word_embeddings.weight")  # tied: the embedding is the head
+            name = pattern.format(i=i)
+            if job is not None and (name in hf_shapes if hf_shapes is not None else wanted):
+                out[name] = job.sources[0]
+    return out
 
 
 def check_source(spec: ModelSpec, hf_shapes: dict[str, tuple[int, ...]]) -> None:
@@ -131,11 +172,30 @@ def _implied_ignores(spec: ModelSpec) -> list[re.Pattern]:
     out = []
     if spec.tie_word_embeddings:  # some tied checkpoints still store the shared matrix twice
         out.append(re.compile(r"lm_head\.weight"))
-    n = _mtp_layers(spec)
-    if n:  # multi-token-prediction layers after the last decoder layer: not part of the HF forward
-        layers = "|".join(str(spec.num_layers + k) for k in range(n))
+    left_out = range(spec.num_layers + spec.mtp_layers, spec.num_layers + _mtp_layers(spec))
+    if left_out:  # MTP layers that convert was told to leave out (it says so: ModelSpec.warnings)
+        layers = "|".join(map(str, left_out))
         out.append(re.compile(rf"model\.layers\.({layers})\..*"))
     return out
+
+
+def with_source_mtp(spec: ModelSpec, hf_names, keep: bool = True) -> ModelSpec:
+    """The spec with the multi-token-prediction layers the weights hold, or none (keep=False: left out on purpose);
+    a warning says what is not converted and why."""
+    declared = _mtp_layers(spec)
+    layers = {n.split(".")[2] for n in hf_names if n.startswith("model.layers.")}
+    held = [i for i in range(spec.num_layers, spec.num_layers + declared) if str(i) in layers]
+    if held and keep:
+        return spec.replace(mtp_layers=declared)  # (a layer missing from the weights is named by build_plan)
+    if held:
+        why = (f"multi-token-prediction layers left out on purpose (--no-mtp): the tensors of model.layers."
+               f"{held[0]}{'-' + str(held[-1]) if len(held) > 1 else ''} are not converted")
+    elif declared:
+        why = (f"config.json declares {declared} multi-token-prediction layer(s) (num_nextn_predict_layers), but "
+               "the weights hold none: converted without them")
+    else:
+        return spec
+    return spec.replace(mtp_layers=0, warnings=(*spec.warnings, why))
 
 
 def _check_shapes(job: Job, hf_shapes: list[tuple[int, ...]]) -> None:

@@ -224,7 +224,7 @@ def _source(src: Path, like: Path | None, device: str, family: str | None):
     hf_dir = like or (Path(hf_src) if hf_src and Path(hf_src).is_dir() else None)
     if hf_dir is None:
         raise ConversionError(f"{src}: pass --like HF_DIR (the tokenizer and config.json of the model)")
-    spec = derive(layout.hf_config(root, layout.megatron_view(root, ckpt)[0], like), family=family)
+    spec = layout.checkpoint_spec(root, ckpt, like, family)[0]
     ensure_distributed()
     model = spec.build_model(device=device, dtype=torch.bfloat16)
     load_into(model, ckpt)
@@ -303,14 +303,13 @@ def load_quantized(ckpt_dir: str | Path, device: str = "cuda", family: str | Non
     from modelopt.torch.opt.plugins import mcore_dist_checkpointing as mcd
 
     from . import layout
-    from .derive import derive
     from .mcore_io import load_into
     from .runtime import cpu_patches, ensure_distributed
     from .untrusted import load_plain, reading
 
     _mtq()
     ckpt = layout.find_checkpoint(ckpt_dir)
-    spec = derive(layout.recorded_hf_config(layout.root_of(ckpt)) or {}, family=family)
+    spec = layout.checkpoint_spec(layout.root_of(ckpt), ckpt, family=family)[0]
     ensure_distributed()
     model = spec.build_model(device=device, dtype=torch.bfloat16)
     with torch.no_grad():  # restoring runs the weight quantizers once (to size their scales): weights must be

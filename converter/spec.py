@@ -113,6 +113,7 @@ class ModelSpec:
     rope: RopeSpec = RopeSpec()
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    mtp_layers: int = 0  # multi-token-prediction layers (their weights follow the last decoder layer in HF)
     warnings: tuple[str, ...] = ()
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -179,6 +180,8 @@ class ModelSpec:
                      moe_router_enable_expert_bias=e.expert_bias, moe_router_num_groups=e.num_groups,
                      moe_router_group_topk=e.group_topk, moe_router_topk_scaling_factor=e.topk_scaling_factor,
                      moe_router_dtype="fp32")  # HF routes in fp32 whatever the weights' dtype
+        if self.mtp_layers:
+            a["mtp_num_layers"] = self.mtp_layers
         # Pinned so the Megatron vocabulary is HF's at this TP (no 128*TP default padding).
         a.update(padded_vocab_size=self.padded_vocab_size(tp), make_vocab_size_divisible_by=1)
         a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

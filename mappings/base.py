@@ -43,6 +43,10 @@ class Family:
     ignore: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
     # HF tensors that stack every expert of a layer (regexes); rules name one expert's slice as `<name>[{e}]`
     packed: tuple[str, ...] = ()
+    # HF tensors that repeat another one, by the Megatron tensor whose source they repeat (`{i}`: the HF layer):
+    # checked equal when read, written again on export (DeepSeek-V3's MTP layers carry their own copies of the
+    # embedding and the output head, which megatron-core's MTP shares with the main model)
+    copies: dict[str, str] = field(default_factory=dict)
     # Non-empty: the family is known but cannot be converted; the text names the features
     refuse: str = ""
     notes: dict = field(default_factory=dict)
@@ -84,6 +88,19 @@ def gated_mlp(mcore: str, hf: str, gate: str = "gate_proj", up: str = "up_proj",
         rule(mcore + "linear_fc1.weight", f"{hf}{gate}.weight", f"{hf}{up}.weight", transform=GATE_UP),
         rule(mcore + "linear_fc2.weight", f"{hf}{down}.weight"),
     ]
+
+
+def mtp(hf: str = "model.layers.{i}.") -> list[Rule]:
+    """Multi-token prediction (DeepSeek-V3 report, §2.2) as HF checkpoints store it: MTP layer m is HF layer
+    num_layers + m, which plan.py names `mtp.layers.{i}.` (its decoder layer as `decoder.layers.{i}.`)."""
+    m = "mtp.layers.{i}."
+    return [rule(m + "enorm.weight", hf + "enorm.weight"), rule(m + "hnorm.weight", hf + "hnorm.weight"),
+            rule(m + "eh_proj.weight", hf + "eh_proj.weight"),
+            rule(m + "final_layernorm.weight", hf + "shared_head.norm.weight")]
+
+
+MTP_COPIES = {"model.layers.{i}.embed_tokens.weight": "embedding.word_embeddings.weight",
+              "model.layers.{i}.shared_head.head.weight": "output_layer.weight"}
 
 
 def pre_mlp_norm(hf: str = "model.layers.{i}.post_attention_layernorm.weight") -> list[Rule]:

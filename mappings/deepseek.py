@@ -1,5 +1,5 @@
 """DeepSeek-V2/V3, Kimi-K2: multi-latent attention (renames only), dense-first layers, routed + shared experts."""
-from .base import Family, L, embeddings, gated_mlp, pre_mlp_norm, rule
+from .base import MTP_COPIES, Family, L, embeddings, gated_mlp, mtp, pre_mlp_norm, rule
 
 A, M = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
 S = L + "self_attention."
@@ -22,6 +22,7 @@ FAMILY = Family(
         rule(L + "mlp.router.expert_bias", M + "gate.e_score_correction_bias"),
         *gated_mlp(L + "mlp.experts.local_experts.{e}.", M + "experts.{e}."),
         *gated_mlp(L + "mlp.shared_experts.", M + "shared_experts."),
-        *gated_mlp(L + "mlp.", M),
+        *gated_mlp(L + "mlp.", M), *mtp(),
     ),
+    copies=MTP_COPIES,
 )

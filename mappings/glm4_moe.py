@@ -1,6 +1,6 @@
 """GLM-4.5 / GLM-4.5-Air: GQA attention with qkv bias (and optional q/k norm) and partial rotary embeddings,
 dense-first layers, DeepSeek-V3-style MoE (sigmoid routing with expert bias, shared experts)."""
-from .base import Family, L, embeddings, gated_mlp, gqa_attention, pre_mlp_norm, rule
+from .base import MTP_COPIES, Family, L, embeddings, gated_mlp, gqa_attention, mtp, pre_mlp_norm, rule
 
 M = "model.layers.{i}.mlp."
 FAMILY = Family(
@@ -14,6 +14,7 @@ FAMILY = Family(
         rule(L + "mlp.router.expert_bias", M + "gate.e_score_correction_bias"),
         *gated_mlp(L + "mlp.experts.local_experts.{e}.", M + "experts.{e}."),
         *gated_mlp(L + "mlp.shared_experts.", M + "shared_experts."),
-        *gated_mlp(L + "mlp.", M),
+        *gated_mlp(L + "mlp.", M), *mtp(),
     ),
+    copies=MTP_COPIES,
 )

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)
 
-from tiny import make_model, real_config, shrink  # noqa: E402
+from tiny import add_mtp, make_model, real_config, shrink  # noqa: E402
 
 # Supported families, each a real config (tiny sizes in tests)
 FAMILY_CONFIGS = [
@@ -60,6 +60,25 @@ def tiny_models(tmp_path_factory):
             cache[key] = make_model(cfg, root / f"{name.replace('/', '_').replace(':', '_').replace('#', '_')}_{dtype}",
                                     dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         return cache[key]
+
+    return get
+
+
+# families whose releases carry multi-token-prediction layers (DeepSeek-V3/R1, GLM-4.5)
+MTP_CONFIGS = ["deepseek-ai/DeepSeek-V3", "transformers:glm4_moe:Glm4MoeForCausalLM"]
+
+
+@pytest.fixture(scope="session")
+def mtp_models(tiny_models, tmp_path_factory):
+    """name -> a copy of the tiny fp32 model with one MTP layer (tiny.add_mtp), made once per session."""
+    import shutil
+
+    root, cache = tmp_path_factory.mktemp("mtp"), {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = add_mtp(shutil.copytree(tiny_models(name), root / name.replace("/", "_").replace(":", "_")))
+        return cache[name]
 
     return get
 

@@ -122,22 +122,33 @@ def run(job: dict, argv: list[str]) -> dict:
         s = ids.shape[1]
         mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
         model.eval()
+        seen = []  # what GPTModel's forward feeds its MTP block's output to: [main; depth 1; ...] hidden states
+        hook = model.mtp.register_forward_hook(lambda m, a, out: seen.append(out)) if model.mtp_process else None
         with torch.no_grad():
             logits = model(ids, torch.arange(s)[None], mask).float()
+            mtp = [gather_from_tensor_model_parallel_region(model.output_layer(
+                       h, weight=model.shared_embedding_or_output_weight()
+                       if model.share_embeddings_and_output_weights else None)[0]).transpose(0, 1).float()
+                   for h in torch.chunk(seen[0], 1 + cfg.transformer.mtp_num_layers, dim=0)[1:]] if seen else []
+        if hook is not None:
+            hook.remove()
         logits = gather_from_tensor_model_parallel_region(logits)
     dist.barrier()
-    return {"logits": logits, **checks}
+    return {"logits": logits, "mtp_logits": mtp, **checks}
 
 
 def _reset(path: list[str], scaling) -> None:
     """What one job leaves behind that the next must not see."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.training.global_vars import unset_global_variables
 
     unset_global_variables()
     ps.destroy_model_parallel()
     RotaryEmbedding._apply_scaling = scaling
+    mtp = gpt_layer_specs.get_gpt_mtp_block_spec  # the hook's MLA redirect of the MTP spec
+    gpt_layer_specs.get_gpt_mtp_block_spec = getattr(mtp, "hf2mcore_original", mtp)
     sys.modules.pop(HOOK, None)
     for p in path:
         sys.path.remove(p)

@@ -21,12 +21,22 @@ ALL = sorted(p.split("hf_configs/")[1].removesuffix("/config.json")
 def test_param_count_matches_hf_or_refused_by_name(name):
     try:
         spec = derive(CONFIGS / name)
-        megatron = mcore_param_count(spec)
+        megatron = mcore_param_count(spec.replace(mtp_layers=0))  # transformers' models have no MTP layers
     except ConversionError as exc:
         # a refusal must name what is unsupported, never be a bare failure
         assert "not supported" in str(exc) or "cannot" in str(exc), str(exc)
         return
     assert megatron == hf_param_count(spec)
+
+
+def test_mtp_layer_parameters():
+    """DeepSeek-V3's MTP layer in Megatron: one decoder layer like the last, enorm, hnorm, eh_proj (2H -> H) and its
+    final norm; the embedding and head are shared (the release's copies of them are dropped)."""
+    cfg = json.loads((CONFIGS / "deepseek-ai/DeepSeek-V3" / "config.json").read_text())
+    spec, h = derive(cfg), cfg["hidden_size"]
+    assert spec.mtp_layers == 1 and spec.megatron_namespace()["mtp_num_layers"] == 1
+    layer = hf_param_count(derive({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1})) - hf_param_count(spec)
+    assert mcore_param_count(spec) - mcore_param_count(spec.replace(mtp_layers=0)) == layer + 3 * h + 2 * h * h
 
 
 def test_all_configs_are_covered():
@@ -167,7 +177,7 @@ def test_glm45_traits_from_transformers_defaults():
     assert a["rotary_percent"] == 0.5 and a["add_qkv_bias"] and not a["add_bias_linear"]
     assert a["moe_router_score_function"] == "sigmoid" and a["moe_router_enable_expert_bias"]
     assert a["moe_shared_expert_intermediate_size"] == 1408 and a["moe_layer_freq"][:3] == [0, 1, 1]
-    assert mcore_param_count(spec) == hf_param_count(spec)
+    assert mcore_param_count(spec.replace(mtp_layers=0)) == hf_param_count(spec)
     with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 with yarn"):
         derive({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,
                                            "original_max_position_embeddings": 4096}})

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAMILY_CONFIGS
+from conftest import FAMILY_CONFIGS, MTP_CONFIGS
 from converter import derive
 from converter.convert import convert
 from converter.export import export
 from converter.spec import MEASURED
 from converter.verify import SAMPLE_TEXT, token_ids
+from mtp_reference import mtp_logits
 from test_convert import assert_bit_exact
 
 JUDGE = Path(__file__).with_name("megatron_lm_judge.py")
@@ -91,15 +92,16 @@ def assert_judged(r, ref, tol=1e-5):
 
 
 @pytest.fixture(scope="session")
-def verdicts(tiny_models, smollm2, megatron_lm, tmp_path_factory):
+def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
     """Every family's tiny model converted as written (and with --exact where the flags cannot say everything),
-    with --use-checkpoint-args for two of them, the real SmolLM2, and a Megatron-LM save of the stacked MoE layout:
-    judged in one Megatron-LM process. name -> {case: (job, checkpoint, ids)}."""
+    with --use-checkpoint-args for two of them, the MTP families with their MTP layers (loaded, and saved again by
+    Megatron-LM), the real SmolLM2, and a Megatron-LM save of the stacked MoE layout: judged in one Megatron-LM
+    process. name -> {case: (job, checkpoint, ids)}."""
     root = tmp_path_factory.mktemp("judged")
     cases: dict[str, dict] = {}
 
     def add(name, case, ckpt, ids, *extra, mode="forward"):
-        d = root / f"{len(cases)}_{case}"
+        d = root / f"{sum(map(len, cases.values()))}_{case}"
         d.mkdir()
         cases.setdefault(name, {})[case] = (job(ckpt, ids, d / ("saved" if mode == "save" else "out.pt"), *extra,
                                                 mode=mode), ckpt, ids)
@@ -113,6 +115,11 @@ def verdicts(tiny_models, smollm2, megatron_lm, tmp_path_factory):
             add(name, "exact", convert(hf, d / "exact", dtype="fp32", progress=False, exact=True), ids)
         if name in CHECKPOINT_ARGS:
             add(name, "checkpoint_args", d / "mc", ids[:, :64], "--use-checkpoint-args")
+    for name in MTP_CONFIGS:
+        mc = convert(mtp_models(name), root / f"mtp_{name.split(':')[-1].replace('/', '_')}", dtype="fp32",
+                     progress=False)
+        add(name, "mtp", mc, ids_for(derive(mc / "hf_config.json").vocab_size))
+        add(name, "mtp_save", mc, ids_for(8, 4), mode="save")
     add("Qwen/Qwen3-30B-A3B", "save", root / "Qwen_Qwen3-30B-A3B" / "mc", ids_for(8, 4), mode="save")
     ids = token_ids(smollm2, SAMPLE_TEXT, 49152)
     add("smollm2", "plain", convert(smollm2, root / "smollm2", dtype="fp32", progress=False), ids)
@@ -172,6 +179,25 @@ def test_megatron_lm_saved_checkpoint_exports_bit_exact(tiny_models, verdicts, t
     keys = ChunkReader(saved / "iter_0000001").md.state_dict_metadata
     assert any(k.startswith("decoder.layers.mlp.experts") for k in keys)  # stacked
     assert_bit_exact(tiny_models("Qwen/Qwen3-30B-A3B"), export(saved, tmp_path / "back", progress=False))
+
+
+@pytest.mark.parametrize("name", MTP_CONFIGS)
+def test_mtp_layers_in_megatron_lm(name, mtp_models, verdicts, tmp_path):
+    """A release's MTP layer is converted, not dropped: Megatron-LM loads it strictly with the written
+    --mtp-num-layers, its MTP head's logits match the reference written from the published definition, and both
+    the converted checkpoint and Megatron-LM's own save of it export back bit for bit (MTP layer and its copies of
+    the embedding and head included)."""
+    hf = mtp_models(name)
+    (j, out, ids) = verdicts[name]["mtp"]
+    assert "--mtp-num-layers 1" in (out / "megatron_args.sh").read_text()
+    r = verdict(j)
+    assert_judged(r, hf_logits(hf, ids))
+    assert len(r["mtp_logits"]) == 1
+    err, top1 = rel_err(r["mtp_logits"][0], mtp_logits(hf, ids))
+    assert err < 1e-5 and top1 == 1.0, (err, top1)
+    assert_bit_exact(hf, export(out, tmp_path / "back", progress=False))
+    saved = Path(verdicts[name]["mtp_save"][0]["out"])
+    assert_bit_exact(hf, export(saved, tmp_path / "saved_back", like=hf, progress=False))
 
 
 @pytest.mark.parametrize("name,par", [("Qwen/Qwen3-8B", {"tp": 2}), ("mistralai/Mixtral-8x7B-v0.1", {"ep": 2})])

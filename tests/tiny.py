@@ -88,3 +88,32 @@ def make_model(cfg: dict, out: Path, dtype=torch.float32, seed: int = 0) -> Path
                 b.copy_(0.1 * torch.randn_like(b))
     model.to(dtype).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def add_mtp(hf: Path, seed: int = 1) -> Path:
+    """Give a tiny model one multi-token-prediction layer as DeepSeek-V3 and GLM-4.5 releases store it: HF layer
+    num_hidden_layers holds enorm, hnorm, eh_proj, a decoder layer shaped like the last one, shared_head.norm, and
+    copies of the embedding and the output head."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((hf / "config.json").read_text())
+    n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    t = load_file(hf / "model.safetensors")
+    last = f"model.layers.{n - 1}."
+    for k, v in list(t.items()):
+        if k.startswith(last):
+            noise = torch.randn(v.shape, generator=g)
+            norm = v.ndim == 1 and "norm" in k
+            t[f"model.layers.{n}." + k.removeprefix(last)] = ((1 + 0.2 * noise) if norm else 0.08 * noise).to(v.dtype)
+    dt = t["model.embed_tokens.weight"].dtype
+    p = f"model.layers.{n}."
+    t.update({p + "enorm.weight": (1 + 0.2 * torch.randn(h, generator=g)).to(dt),
+              p + "hnorm.weight": (1 + 0.2 * torch.randn(h, generator=g)).to(dt),
+              p + "shared_head.norm.weight": (1 + 0.2 * torch.randn(h, generator=g)).to(dt),
+              p + "eh_proj.weight": (0.08 * torch.randn(h, 2 * h, generator=g)).to(dt),
+              p + "embed_tokens.weight": t["model.embed_tokens.weight"].clone(),
+              p + "shared_head.head.weight": t["lm_head.weight"].clone()})
+    save_file(t, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    (hf / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+    return hf
