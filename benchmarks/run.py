@@ -52,6 +52,9 @@ def main():
                "--dtype", "bf16"]
     tools = {
         "I/O floor (copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
+        # coreutils cat copies inside the kernel (copy_file_range): no user-space buffer at all
+        "kernel copy floor (cat + sync)": ["sh", "-c", 'mkdir -p "$2" && cat "$1"/*.safetensors > "$2/all" && sync',
+                                           "_", a.hf_dir, str(work / "cat")],
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
         **({f"hf2mcore convert at {a.baseline} (1 process)": [
