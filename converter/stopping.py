@@ -56,6 +56,8 @@ def die_with_parent(parent: int) -> None:
     """Have the kernel send this process SIGTERM when `parent` ends, however it ends (SIGKILL included): a forked
     rank must never outlive, and then publish for, a caller that was already told the run failed."""
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux; elsewhere the parent's wait must do
+    if prctl is not None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent:  # it ended before the request was in place
         raise Stopped(signal.SIGTERM)
