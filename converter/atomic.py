@@ -26,21 +26,29 @@ LOW_SPACE = 1 << 20  # free bytes below which a failed write is taken for a full
 def refuse_existing(out_dir: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) -> None:
     """Stop before any work when OUT exists (without --overwrite), or when replacing it would remove an input:
     OUT is an input, holds one, or lies inside one."""
-    out = out_dir.resolve()
-    for inp in (Path(i).resolve() for i in inputs if i is not None):
-        if out == inp or out in inp.parents or inp in out.parents:
-            raise ConversionError(f"{out_dir} is, holds or lies inside the input {inp}: choose an output elsewhere")
+    inp = _input_under(out_dir, inputs)
+    if inp is not None:
+        raise ConversionError(f"{out_dir} is, holds or lies inside the input {inp}: choose an output elsewhere")
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
 
 
+def _input_under(path: Path, inputs) -> Path | None:
+    """The input that `path` is, holds or lies inside, if any."""
+    p = Path(path).resolve()
+    for inp in (Path(i).resolve() for i in inputs if i is not None):
+        if p == inp or p in inp.parents or inp in p.parents:
+            return inp
+    return None
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool, need: int | None = None):
+def atomic_dir(out_dir: Path, overwrite: bool, need: int | None = None, inputs: tuple[Path | None, ...] = ()):
     """Yields the temporary directory; on success it becomes out_dir, on any failure (a signal included) it is
-    removed. need: the bytes the output will take, checked against the free space first."""
+    removed. need: the bytes the output will take, checked against the free space first; inputs: never swept."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out_dir)
+    sweep_stale(out_dir, inputs)
     _check_space(out_dir, need)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -60,15 +68,16 @@ def atomic_dir(out_dir: Path, overwrite: bool, need: int | None = None):
 
 
 @contextlib.contextmanager
-def atomic_dir_all_ranks(out_dir: Path, overwrite: bool, need: int | None = None):
+def atomic_dir_all_ranks(out_dir: Path, overwrite: bool, need: int | None = None,
+                         inputs: tuple[Path | None, ...] = ()):
     """atomic_dir for every process of a torch.distributed job writing one directory: rank 0 owns the
     temporary directory and renames it after every rank is done; each rank gets the temporary path."""
     import torch.distributed as dist
 
-    refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite, inputs)
     rank = dist.get_rank()
     with contextlib.ExitStack() as stack:
-        box = [stack.enter_context(atomic_dir(out_dir, overwrite, need)) if rank == 0 else None]
+        box = [stack.enter_context(atomic_dir(out_dir, overwrite, need, inputs)) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         if rank != 0:  # every rank names a full disk the same way, whichever reports first
             stack.enter_context(disk_errors(out_dir, need))
@@ -77,12 +86,15 @@ def atomic_dir_all_ranks(out_dir: Path, overwrite: bool, need: int | None = None
     dist.barrier()
 
 
-def sweep_stale(out_dir: Path) -> list[Path]:
-    """Remove the temporary siblings of out_dir that killed runs left: marked as ours, unlocked, not brand new."""
+def sweep_stale(out_dir: Path, inputs: tuple[Path | None, ...] = ()) -> list[Path]:
+    """Remove the temporary siblings of out_dir that killed runs left: marked as ours, unlocked, not brand new,
+    and not one of this run's inputs (nor holding or inside one)."""
     pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-\d+")
     removed = []
     for p in out_dir.parent.iterdir() if out_dir.parent.is_dir() else ():
         if not (pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and (p / MARK).is_file()):
+            continue
+        if _input_under(p, inputs) is not None:
             continue
         fd = os.open(p, os.O_RDONLY)
         try:

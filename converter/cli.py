@@ -36,12 +36,13 @@ def _hf_dir(arg: str | None) -> Path:
 def cmd_inspect(a) -> int:
     from . import megatron_fields
     from .derive import derive, hf_param_count, mcore_param_count
+    from .hf_io import has_weights
     from .layout import gap_lines
 
     path = _hf_dir(a.path)
     spec = derive(path, family=a.family)
     spec.check_parallel(a.tp, a.pp, a.ep, a.etp)
-    if path.is_dir() and any(path.glob("*.safetensors")):  # weights at hand: the config must describe them
+    if path.is_dir() and has_weights(path):  # weights at hand: the config must describe them
         from .dequant import open_source
         from .plan import check_source
 

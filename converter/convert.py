@@ -44,7 +44,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     spec.check_parallel(tp, pp, ep, etp)
     refuse_existing(out_dir, overwrite, (hf_dir,))
     hf = open_source(hf_dir, spec)
-    check_source(spec, {n: hf.shape(n) for n in hf.names()})
+    hf_shapes = {n: hf.shape(n) for n in hf.names()}  # (the reader may rename: packed experts, dequantized)
+    check_source(spec, hf_shapes)
     if not mtp:
         spec = with_source_mtp(spec, hf.names(), keep=False)
     if workers == "auto":
@@ -64,7 +65,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     ns, settings = spec.megatron_namespace(tp, pp, ep, etp, dt, exact=exact), spec.hook_settings(exact)
     model = spec.build_model(device="meta", dtype=dt, exact=exact)
     shapes = mcore_shapes(model)
-    plan = build_plan(spec, shapes, {n: hf.shape(n) for n in hf.names()})
+    plan = build_plan(spec, shapes, hf_shapes)
 
     world, rank = dist.get_world_size(), dist.get_rank()
     unequal = [_unequal_copies(hf, plan) if rank == 0 else None]  # read once, the verdict shared
@@ -95,7 +96,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         return out
 
     need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
-    with atomic_dir_all_ranks(out_dir, overwrite, need) as tmp:
+    with atomic_dir_all_ranks(out_dir, overwrite, need, (hf_dir,)) as tmp:
         t0 = time.time()
         mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns))
         bar.close()

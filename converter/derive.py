@@ -74,18 +74,13 @@ def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
     except (TypeError, ValueError, AttributeError) as exc:  # a field of a type no check above foresaw
         raise ConversionError(f"config.json has a field of an unexpected type or value: {exc}") from exc
     spec = spec.replace(hf_config=raw)
-    if spec.mtp_layers and not isinstance(path, dict) and Path(path).is_dir() and _has_weights(Path(path)):
-        from .hf_io import HFCheckpoint
+    if spec.mtp_layers and not isinstance(path, dict) and Path(path).is_dir():
+        from .hf_io import HFCheckpoint, has_weights
         from .plan import with_source_mtp
 
-        spec = with_source_mtp(spec, HFCheckpoint(path).names())
+        if has_weights(Path(path)):
+            spec = with_source_mtp(spec, HFCheckpoint(path).names())
     return spec
-
-
-def _has_weights(d: Path) -> bool:
-    from .hf_io import INDEX
-
-    return (d / INDEX).is_file() or any(d.glob("*.safetensors"))
 
 
 def _typed(cfg: dict, key: str, kind: type | tuple[type, ...]):

@@ -59,7 +59,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
             yield from plan.to_hf(name, t)
 
     need = sum(math.prod(j.ctx.shape) for j in plan.jobs.values()) * (dt or torch.bfloat16).itemsize
-    with atomic_dir(out_dir, overwrite, need) as tmp:
+    with atomic_dir(out_dir, overwrite, need, (root, like)) as tmp:
         # HF checkpoints list tensors in name order; keep that so files compare cleanly.
         write_sharded(repack(hf_tensors(), spec.moe.num_experts if spec.moe else 0), tmp, parse_size(shard_size))
         bar.close()

@@ -148,6 +148,11 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def has_weights(d: Path) -> bool:
+    """Whether directory d holds safetensors weights (an index or shards), not only a config."""
+    return (d / INDEX).is_file() or any(d.glob("*.safetensors"))
+
+
 def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, shard_bytes: int,
                   metadata: dict | None = None) -> dict[str, str]:
     """Write (name, tensor) pairs as hub-style shards plus an index; holds at most one shard in memory."""

@@ -144,15 +144,10 @@ def load_common(ckpt: Path) -> dict:
     """The common state (Megatron-LM's `args`, the iteration), read through the allow-lists."""
     from megatron.core import dist_checkpointing
 
-    from .untrusted import failed_read, read_errors, reading
+    from .untrusted import reading
 
-    try:
-        with reading():
-            return dist_checkpointing.load_common_state_dict(str(ckpt))
-    except ConversionError:
-        raise
-    except read_errors() as exc:
-        raise failed_read(exc, f"the common state of {ckpt}") from exc
+    with reading(f"the common state of {ckpt}"):
+        return dist_checkpointing.load_common_state_dict(str(ckpt))
 
 
 def megatron_view(root: Path, ckpt: Path) -> tuple[dict, dict | None]:

@@ -172,7 +172,7 @@ def save_hf_weights(model, out_dir: str | Path, *, like: str | Path, dtype: str 
         for _ in tensors:
             pass
         return None
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs=(like,)) as tmp:
         write_sharded(tensors, tmp, parse_size(shard_size))
         write_side_files(tmp, read_config(like), dt, like)
     return out_dir

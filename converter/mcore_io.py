@@ -308,13 +308,8 @@ class ChunkReader:
         from .untrusted import reading
 
         self.dir = Path(ckpt)
-        try:
-            with reading():
-                self.md = FileSystemReader(str(ckpt)).read_metadata()
-        except ConversionError:
-            raise
-        except Exception as exc:
-            raise ConversionError(f"cannot read {ckpt}/.metadata: {exc}") from exc
+        with reading(f"{ckpt}/.metadata"):
+            self.md = FileSystemReader(str(ckpt)).read_metadata()
 
     def has(self, key: str) -> bool:
         return key in self.md.state_dict_metadata
@@ -424,17 +419,13 @@ def load_into(model, ckpt_dir: str | Path, strict: bool = True) -> None:
 
     from .layout import find_checkpoint
     from .runtime import cpu_patches
-    from .untrusted import failed_read, read_errors, reading
+    from .untrusted import reading
 
     ckpt = find_checkpoint(ckpt_dir)
-    with cpu_patches(), reading():
+    with cpu_patches():
         sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
-        try:
+        with reading(str(ckpt)):
             state = dist_checkpointing.load(sharded, str(ckpt),
                                             strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
-        except ConversionError:
-            raise
-        except read_errors() as exc:
-            raise failed_read(exc, str(ckpt)) from exc
         own = set(model.state_dict())  # the loaded dict also carries the common state (args, iteration, ...)
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)

@@ -288,7 +288,7 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     if export_hf is not None:
         from modelopt.torch.export import export_mcore_gpt_to_hf
 
-        with atomic_dir(export_hf, overwrite) as tmp:
+        with atomic_dir(export_hf, overwrite, inputs=(src, like, out_dir)) as tmp:
             export_mcore_gpt_to_hf(model, str(hf_dir), dtype=torch.bfloat16, export_dir=str(tmp))
         report["export_hf"] = str(export_hf)
     save_model(model, out_dir, spec, overwrite=overwrite, extra=extra)
@@ -317,7 +317,8 @@ def load_quantized(ckpt_dir: str | Path, device: str = "cuda", family: str | Non
             p.zero_()
     # ModelOpt's state is unpickled too: DCP's byte items, or a legacy common.pt through its safe_load (which
     # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns into a plain pickle.load): all through the allow-lists
-    with cpu_patches(), reading(), mock.patch.object(mcd, "safe_load", lambda f, **kw: load_plain(f, "modelopt_state")):
+    plain = mock.patch.object(mcd, "safe_load", lambda f, **kw: load_plain(f, "modelopt_state"))
+    with cpu_patches(), reading(), plain:
         mcd.restore_sharded_modelopt_state([model], str(ckpt))
     load_into(model, ckpt)
     return model.eval()

@@ -91,13 +91,6 @@ def _load_bytes(self, read_item, value) -> None:
         self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def read_errors() -> tuple[type[BaseException], ...]:
-    """What a failed DCP read raises: DCP's CheckpointException is a BaseException, not an Exception."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return Exception, CheckpointException
-
-
 def refusal(exc: BaseException) -> ConversionError | None:
     """The ConversionError a read raised, where DCP or megatron-core wrapped it (CheckpointException keeps each
     rank's exception in `failures`)."""
@@ -105,18 +98,22 @@ def refusal(exc: BaseException) -> ConversionError | None:
     return found or (_REFUSED[-1] if _REFUSED else None)
 
 
-def failed_read(exc: BaseException, what: str) -> ConversionError:
-    """The one-line error for a read of `what` that raised exc: the refusal behind it, else its root failure."""
-    return refusal(exc) or ConversionError(f"cannot read {what}: {one_line(exc, 300)}")
-
-
 @contextlib.contextmanager
-def reading():
-    """Every DCP metadata and byte item read inside goes through the allow-lists."""
+def reading(what: str | None = None):
+    """Every DCP metadata and byte item read inside goes through the allow-lists. With `what` (the thing read),
+    a failed read becomes one ConversionError: the refusal behind it, else its root failure."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     _REFUSED.clear()
     with mock.patch.object(FileSystemReader, "read_metadata", _read_metadata), \
             mock.patch.object(DefaultLoadPlanner, "load_bytes", _load_bytes):
-        yield
+        try:
+            yield
+        except ConversionError:
+            raise
+        except (Exception, CheckpointException) as exc:  # (DCP's is a BaseException, not an Exception)
+            if what is None:
+                raise
+            raise refusal(exc) or ConversionError(f"cannot read {what}: {one_line(exc, 300)}") from exc

@@ -140,8 +140,9 @@ def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], 
         code = 2
         _write(error_path, str(exc))
     except BaseException as exc:
-        if stopped(exc):  # its cleanup ran; the parent reports the signal
-            code = stopped(exc).exit_code
+        stop = stopped(exc)
+        if stop:  # its cleanup ran; the parent reports the signal
+            code = stop.exit_code
         else:  # the parent shows it if this rank failed first; later ones follow from it
             _write(error_path, traceback.format_exc())
     finally:

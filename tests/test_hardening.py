@@ -170,6 +170,7 @@ def test_stale_temporary_directories_are_swept(tmp_path):
     fd = os.open(alive, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a run still writing holds its lock
     try:
+        assert sweep_stale(out, inputs=(dead / "x",)) == []  # an input, or what holds one, is never removed
         assert sweep_stale(out) == [dead]
     finally:
         os.close(fd)
