@@ -99,9 +99,10 @@ def main():
         paired = statistics.median(r[0] / f[0] for r, f in zip(rs, floor))
         print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {paired:.2f}x | "
               + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
-    if a.baseline and all(k in runs and k not in errors for k in list(tools)[1:2]):
-        this, base = list(tools)[1], next(k for k in tools if k.startswith("hf2mcore convert at"))
-        if base not in errors:
+    if a.baseline:
+        this = next(k for k in tools if k.startswith("hf2mcore convert ("))
+        base = next(k for k in tools if k.startswith("hf2mcore convert at"))
+        if this not in errors and base not in errors:
             ratio = statistics.median(x[0] / y[0] for x, y in zip(runs[this], runs[base]))
             print(f"\npaired ratio {this} / baseline: {ratio:.3f} (median of {len(runs[base])} rounds)")
     shutil.rmtree(work, ignore_errors=True)
