@@ -1,6 +1,7 @@
 """hf2mcore: derive Megatron-Core settings from a Hugging Face config, convert, export, verify and quantize."""
-from .imports import gc_paused
+from .imports import gc_paused, interpret_triton_without_gpu
 
+interpret_triton_without_gpu()
 with gc_paused():  # torch is imported here
     from .convert import convert
     from .derive import derive

@@ -12,7 +12,7 @@ from typing import Any
 import mappings
 
 from .errors import ConversionError
-from .spec import MCORE_LLAMA3, MLASpec, MoESpec, ModelSpec, RopeSpec
+from .spec import MCORE_LLAMA3, MambaSpec, MLASpec, MoESpec, ModelSpec, RopeSpec
 
 # Field aliases, first match wins (HF spellings across model families).
 ALIASES = {
@@ -23,7 +23,7 @@ ALIASES = {
     "num_query_groups": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
     "head_dim": ("head_dim", "kv_channels", "attention_head_dim"),
     "norm_epsilon": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"),
-    "activation": ("hidden_act", "hidden_activation", "activation_function"),
+    "activation": ("mlp_hidden_act", "hidden_act", "hidden_activation", "activation_function"),
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
     "topk": ("num_experts_per_tok", "experts_per_token", "moe_topk"),
     "moe_ffn": ("moe_intermediate_size",),
@@ -33,6 +33,9 @@ DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_
              "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
              "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step")
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}
+PLAIN_ACTIVATIONS = {"relu2": "squared_relu"}  # MLPs without a gate (the family says: "mlp": "plain")
+# Hybrid layer kinds: transformers' layers_block_type names (4.x and 5.x) -> megatron-core's pattern symbols
+HYBRID_SYMBOLS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
 # Sizes beyond these are not a model but a broken or hostile config: refused before anything is built from them
 # (the largest public models stay far below: 126 layers, hidden 16384, 256k vocabulary, 384 experts).
 BOUNDS = {"num_layers": 4096, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 20, "num_attention_heads": 4096,
@@ -201,7 +204,10 @@ class _Deriver:
                                       "and config.json has no head_dim")
             head_dim = hidden // heads
         act = self.get("activation", "silu", kind=str)
-        if act not in GATED_ACTIVATIONS:
+        plain = self.implied.get("mlp") == "plain"
+        if plain and act not in PLAIN_ACTIVATIONS:
+            self.refuse(f"mlp_hidden_act={act!r} (hf2mcore maps relu2 to --squared-relu)")
+        if not plain and act not in GATED_ACTIVATIONS:
             self.refuse(f"hidden_act={act!r} (Megatron-LM's gated MLPs are --swiglu and --quick-geglu)")
         attn_bias, mlp_bias = self.get("attention_bias", False, kind=bool), self.get("mlp_bias", False, kind=bool)
         qkv_bias = attn_bias
@@ -217,22 +223,80 @@ class _Deriver:
         if quant:
             self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
                                  f"{quant.get('quant_method')!r}); convert reads them dequantized")
-        num_layers = g("num_layers", required=True)
+        pattern = self._layer_pattern()
+        num_layers = len(pattern) if pattern else g("num_layers", required=True)
         fields: dict[str, Any] = dict(
             architecture=self.arch, family=self.fam.name, num_layers=num_layers, hidden_size=hidden,
             ffn_hidden_size=g("ffn_hidden_size", required=True), num_attention_heads=heads,
             num_query_groups=groups, kv_channels=head_dim, vocab_size=g("vocab_size", required=True),
             max_position_embeddings=g("max_position_embeddings", 4096),
             norm_epsilon=self.number("norm_epsilon", 1e-6),
-            activation=self.implied.get("glu") or GATED_ACTIVATIONS[act],
+            activation=self.implied.get("glu") or (PLAIN_ACTIVATIONS if plain else GATED_ACTIVATIONS)[act],
             glu_clamp=self.get("swiglu_limit", kind=(int, float)),
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
             tie_word_embeddings=self.get("tie_word_embeddings", False, kind=bool),
-            rope=self._rope(), moe=self._moe(num_layers), mla=self._mla(), **self._window(),
-            nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(),
+            rope=self._rope(), moe=self._moe(num_layers, pattern), mla=self._mla(), **self._window(),
+            nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(), layer_pattern=pattern,
+            mamba=self._mamba() if pattern and "M" in pattern else None,
         )
         fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
+
+    def _layer_pattern(self) -> str | None:
+        """A hybrid model's layers as megatron-core's pattern symbols: hybrid_override_pattern (Nemotron-H's
+        releases) or layers_block_type (transformers 5)."""
+        if self.implied.get("mlp") != "plain":
+            return None
+        pattern = self.get("hybrid_override_pattern", kind=str)
+        if pattern is None:
+            kinds = self.get("layers_block_type", kind=list) or self.get("layer_types", kind=list)
+            if not kinds:
+                raise ConversionError("config.json lacks hybrid_override_pattern / layers_block_type")
+            odd = sorted({str(k) for k in kinds} - set(HYBRID_SYMBOLS))
+            if odd:
+                self.refuse(f"layers_block_type entries {odd}")
+            pattern = "".join(HYBRID_SYMBOLS[k] for k in kinds)
+        odd = sorted(set(pattern) - set(HYBRID_SYMBOLS.values()))
+        if odd or not pattern:
+            self.refuse(f"hybrid_override_pattern={pattern!r:.80} (layer symbols {odd}; hf2mcore maps M, *, - and E)")
+        if len(pattern) > BOUNDS["num_layers"]:
+            raise ConversionError(f"config field hybrid_override_pattern has {len(pattern)} layers, beyond any real "
+                                  f"model (at most {BOUNDS['num_layers']})")
+        declared = self.get("num_hidden_layers", kind=int)
+        if declared is not None and declared != len(pattern):
+            raise ConversionError(f"config.json says num_hidden_layers={declared}, its layer pattern has "
+                                  f"{len(pattern)} layers")
+        if self.get("num_nextn_predict_layers", 0, kind=int):
+            self.refuse("multi-token-prediction layers of a hybrid model (mtp_hybrid_override_pattern)")
+        return pattern
+
+    def _mamba(self) -> MambaSpec:
+        """Mamba-2 sizes; what megatron-core's MambaMixer fixes is refused or, where only numerics differ, said."""
+        g = self.int_field
+        m = MambaSpec(state_dim=g("ssm_state_size", required=True), head_dim=g("mamba_head_dim", required=True),
+                      num_groups=g("n_groups", 1), num_heads=g("mamba_num_heads", required=True))
+        if m.num_heads % m.num_groups:
+            raise ConversionError(f"mamba_num_heads={m.num_heads} is not divisible by n_groups={m.num_groups}")
+        if g("conv_kernel", 4) != 4:
+            self.refuse(f"conv_kernel={self.get('conv_kernel')} (megatron-core's Mamba layer has d_conv 4; no flag)")
+        if not self.get("use_conv_bias", True, kind=bool):
+            self.refuse("use_conv_bias=false (megatron-core's Mamba layer always has a conv1d bias)")
+        for f in ("use_bias", "mamba_proj_bias"):
+            if self.get(f, False, kind=bool):
+                self.refuse(f"{f}=true (megatron-core's Mamba in_proj and out_proj have no bias)")
+        act = self.get("mamba_hidden_act", "silu", kind=str)
+        if act not in ("silu", "swish"):
+            self.refuse(f"mamba_hidden_act={act!r} (megatron-core's Mamba layer uses silu)")
+        if self.get("moe_latent_size") is not None:
+            self.refuse("moe_latent_size (latent MoE projections are not mapped yet)")
+        eps = self.number("norm_epsilon", 1e-5)
+        if eps != 1e-5:
+            self.warnings.append(f"layer_norm_epsilon={eps}: megatron-core's gated norm inside the Mamba mixer uses "
+                                 "1e-5 whatever --norm-epsilon says")
+        floor = self.number("time_step_min", 0.001)
+        self.warnings.append(f"time_step_min={floor}: transformers' Mamba-2 mixer keeps each step size dt at or above "
+                             "it; megatron-core's does not (they differ only where dt falls below)")
+        return m
 
     def _mtp(self) -> int:
         """Multi-token-prediction layers (DeepSeek-V3, GLM-4.5: stored after the last decoder layer)."""
@@ -279,6 +343,8 @@ class _Deriver:
         return {"window": window, "window_layers": tuple(int(t == "sliding_attention") for t in types)}
 
     def _rope(self) -> RopeSpec:
+        if self.implied.get("position_embedding") == "none":
+            return RopeSpec(kind="none")
         params = {**(self.get("rope_scaling", kind=dict) or {}), **(self.get("rope_parameters", kind=dict) or {})}
         num = lambda k, default: float(_typed(params, k, (int, float)) if k in params else default)  # noqa: E731
         if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
@@ -306,14 +372,15 @@ class _Deriver:
                             mscale_all_dim=num("mscale_all_dim", 0.0))
         self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, llama3 and yarn rope)")
 
-    def _moe(self, num_layers: int) -> MoESpec | None:
+    def _moe(self, num_layers: int, layers: str | None = None) -> MoESpec | None:
         experts = self.int_field("num_experts")
-        if not experts:
+        if not experts or (layers is not None and "E" not in layers):  # a hybrid model's E layers are its MoE
             return None
         topk = self.int_field("topk", required=True)
         ffn = self.int_field("moe_ffn") or self.int_field("intermediate_size") or self.int_field("ffn_hidden_size")
-        pattern = self._moe_pattern(num_layers)
+        pattern = tuple(int(c == "E") for c in layers) if layers else self._moe_pattern(num_layers)
         shared = (self.get("shared_expert_intermediate_size", kind=int)
+                  or self.get("moe_shared_expert_intermediate_size", kind=int)
                   or (self.get("n_shared_experts", kind=int) or 0) * ffn)
         score = self.get("scoring_func", "softmax", kind=str)
         if score not in ("softmax", "sigmoid"):

@@ -14,7 +14,7 @@ from .hf_io import parse_size, write_sharded, write_side_files
 from .mcore_io import ChunkReader, params_from_checkpoint
 from .packed import repack
 from .plan import Plan, build_plan, mcore_shapes
-from .model import build_gpt, parse_dtype, single_process
+from .model import build, parse_dtype, single_process
 from .progress import Progress
 from .runtime import ensure_distributed
 
@@ -48,7 +48,7 @@ def export(mcore_dir: str | Path, out_dir: str | Path, *, like: str | Path | Non
                               f"Megatron-LM arguments describe different weights: {'; '.join(odd[:4])}")
     ensure_distributed(cpu=True)
     # the checkpoint's own layout (e.g. MoE layers stacked or per layer), as Megatron-LM would load it
-    model = build_gpt(single_process(ns), spec.hook_settings(), device="meta")
+    model = build(single_process(ns), spec.hook_settings(), device="meta")
     # repeated tensors (DeepSeek-V3's MTP copies of the embedding and head) as the converted source had them
     plan = build_plan(spec, mcore_shapes(model), copies=layout.manifest(root).get("tensors", {}).get("copies") != {})
     bar = Progress(len(plan.jobs), 0, "export", enabled=progress)

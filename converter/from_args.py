@@ -4,7 +4,7 @@
 The namespace is read through megatron_fields (Megatron-LM's destinations: `layernorm_epsilon`, `moe_layer_freq`
 as parsed); the one-to-one fields come from its `hf` column. Covers the layouts whose HF class follows from the
 flags alone: Llama (and Mistral, which shares its layout), Qwen2 (qkv bias), Qwen3 (q/k norm), Mixtral and
-Qwen3-MoE. Anything else is refused by flag name.
+Qwen3-MoE, and hybrid layer patterns as Nemotron-H / Nemotron 3. Anything else is refused by flag name.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from .megatron_fields import BY_DEST, hf_fields, params_dtype, value
 
 def hf_config_from_args(ns: dict) -> dict:
     """The HF config of the model this Megatron-LM namespace describes."""
+    if value(ns, "hybrid_layer_pattern"):
+        return _nemotron_h(ns)
     refuse = {"multi_latent_attention": "multi-latent attention",
               "moe_shared_expert_intermediate_size": "shared experts", "add_bias_linear": "linear-layer biases",
               "window_size": "sliding-window attention", "qk_l2_norm": "q/k L2 norm", "no_rope_freq": "NoPE layers",
@@ -63,5 +65,33 @@ def hf_config_from_args(ns: dict) -> dict:
         else:
             cfg.update(num_experts=experts, moe_intermediate_size=ffn, norm_topk_prob=topk_norm,
                        decoder_sparse_step=1, mlp_only_layers=[i for i, m in enumerate(pattern) if not m])
+    cfg["torch_dtype"] = str(params_dtype(ns)).removeprefix("torch.")
+    return cfg
+
+
+def _nemotron_h(ns: dict) -> dict:
+    """A hybrid layer pattern with squared-ReLU MLPs and no position embedding is Nemotron-H's layout (Nemotron 3:
+    with E layers of sigmoid-routed experts, their score-correction bias and a shared expert)."""
+    need = {"squared_relu": True, "normalization": "RMSNorm", "position_embedding_type": "none",
+            "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False, "multi_latent_attention": False,
+            "mtp_num_layers": None}
+    odd = [f"{BY_DEST[d].flag} {value(ns, d)}" for d, want in need.items() if value(ns, d) != want]
+    if odd:
+        raise ConversionError(f"a hybrid model with {', '.join(odd)}: not Nemotron-H's layout; pass --like HF_DIR")
+    pattern, heads = ns["hybrid_layer_pattern"], ns["num_attention_heads"]
+    fields = hf_fields(ns)
+    cfg = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", **fields,
+           "num_hidden_layers": len(pattern), "layer_norm_epsilon": fields.pop("rms_norm_eps"),
+           "num_key_value_heads": value(ns, "num_query_groups") if value(ns, "group_query_attention") else heads,
+           "head_dim": value(ns, "kv_channels") or ns["hidden_size"] // heads, "mlp_hidden_act": "relu2",
+           "tie_word_embeddings": not value(ns, "untie_embeddings_and_output_weights"),
+           "max_position_embeddings": value(ns, "max_position_embeddings") or value(ns, "seq_length")}
+    if "E" in pattern:
+        if value(ns, "moe_router_score_function") != "sigmoid" or not value(ns, "moe_router_enable_expert_bias"):
+            raise ConversionError("hybrid MoE layers without sigmoid routing and expert bias: pass --like HF_DIR")
+        cfg.update(n_routed_experts=ns["num_experts"], moe_intermediate_size=value(ns, "moe_ffn_hidden_size"),
+                   moe_shared_expert_intermediate_size=value(ns, "moe_shared_expert_intermediate_size"),
+                   norm_topk_prob=True, routed_scaling_factor=value(ns, "moe_router_topk_scaling_factor") or 1.0,
+                   n_group=value(ns, "moe_router_num_groups") or 1, topk_group=value(ns, "moe_router_group_topk") or 1)
     cfg["torch_dtype"] = str(params_dtype(ns)).removeprefix("torch.")
     return cfg

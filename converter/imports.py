@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import os
 import sys
 
 
@@ -42,3 +43,11 @@ def import_megatron_eager() -> None:
             importlib.import_module("megatron.core.jit")  # with megatron.core, which binds jit_fuser
     finally:
         torch.compile = compile_
+
+
+def interpret_triton_without_gpu() -> None:
+    """On a machine without a GPU, have Triton run kernels (Mamba's) in its interpreter on the CPU: Triton reads
+    TRITON_INTERPRET when a kernel is defined, its own library's included, so before torch is imported (which
+    imports Triton). A process that imported torch first gets runtime.check_cpu_kernels' error instead."""
+    if "triton" not in sys.modules and not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):
+        os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -126,8 +126,9 @@ def hook_settings(root: Path, ns: dict) -> dict | None:
     spec = ns.get("spec")
     if spec is None:
         return None
-    if list(spec) != [HOOK_MODULE, "layer_spec"]:
-        raise ConversionError(f"--spec {' '.join(spec)}: hf2mcore builds only its own hook ({HOOK_MODULE} layer_spec)")
+    own = [HOOK_MODULE, "hybrid_stack_spec" if ns.get("hybrid_layer_pattern") else "layer_spec"]
+    if list(spec) != own:
+        raise ConversionError(f"--spec {' '.join(spec)}: hf2mcore builds only its own hook ({' '.join(own)})")
     path = root / HOOK_SETTINGS
     if not path.exists():
         return None

@@ -57,7 +57,29 @@ def _pieces(model) -> list[tuple[str, str, torch.Tensor, object]]:
         lost = [n for n in params if n not in views]
         if lost:
             raise ConversionError(f"model tensors with no place in the checkpoint layout: {lost[:5]}")
-        out += [(local, _plan_name(local, sh), params[local], sh) for local in params for sh in views[local]]
+        out += [(local, _plan_name(local, sh), params[local], sh) for local in params for sh in _joined(views[local])]
+    return out
+
+
+def _joined(views: list) -> list:
+    """A parameter megatron-core saves as several tensors (Mamba's in_proj as `.z .x .B .C .dt`, its conv1d as
+    `.x .B .C`, each split by TP on its own) as pieces of the one parameter: its parts laid end to end along their
+    first axis, in the order megatron-core splits them."""
+    import dataclasses
+
+    keys = list(dict.fromkeys(sh.key for sh in views))
+    base = keys[0].rpartition(".")[0]
+    if len(keys) == 1 or any(k.rpartition(".")[0] != base for k in keys):
+        return views
+    axis = views[0].prepend_axis_num
+    size = {sh.key: sh.global_shape[axis] for sh in views}
+    start = dict(zip(keys, [sum(size[k] for k in keys[:i]) for i in range(len(keys))]))
+    total = sum(size.values())
+    out = []
+    for sh in views:
+        at, shape = list(sh.global_offset), list(sh.global_shape)
+        at[axis], shape[axis] = start[sh.key] + at[axis], total
+        out.append(dataclasses.replace(sh, key=base, global_offset=tuple(at), global_shape=tuple(shape)))
     return out
 
 

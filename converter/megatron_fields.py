@@ -47,6 +47,7 @@ TABLE: tuple[Field, ...] = (
     F("--norm-epsilon", "layernorm_epsilon", "float", 1e-5, hf="rms_norm_eps"),
     F("--swiglu", "swiglu", "true", False),
     F("--quick-geglu", "quick_geglu", "true", False),
+    F("--squared-relu", "squared_relu", "true", False),
     F("--glu-linear-offset", "glu_linear_offset", "float", 0.0),
     F("--activation-func-clamp-value", "activation_func_clamp_value", "float", hf="swiglu_limit"),
     F("--window-size", "window_size", "pair"),
@@ -96,6 +97,11 @@ TABLE: tuple[Field, ...] = (
     F("--moe-router-topk-scaling-factor", "moe_router_topk_scaling_factor", "float", hf="routed_scaling_factor", only_with="num_experts"),
     F("--moe-router-dtype", "moe_router_dtype", "str", only_with="num_experts"),
     F("--mtp-num-layers", "mtp_num_layers", hf="num_nextn_predict_layers"),
+    F("--hybrid-layer-pattern", "hybrid_layer_pattern", "str", hf="hybrid_override_pattern"),
+    F("--mamba-state-dim", "mamba_state_dim", default=128, hf="ssm_state_size", only_with="hybrid_layer_pattern"),
+    F("--mamba-head-dim", "mamba_head_dim", default=64, hf="mamba_head_dim", only_with="hybrid_layer_pattern"),
+    F("--mamba-num-groups", "mamba_num_groups", default=8, hf="n_groups", only_with="hybrid_layer_pattern"),
+    F("--mamba-num-heads", "mamba_num_heads", hf="mamba_num_heads", only_with="hybrid_layer_pattern"),
     F("--padded-vocab-size", "padded_vocab_size", hf="vocab_size"),
     F("--make-vocab-size-divisible-by", "make_vocab_size_divisible_by", default=128),
     F("--tensor-model-parallel-size", "tensor_model_parallel_size", default=1),
@@ -237,6 +243,12 @@ def transformer_config_kwargs(ns: dict) -> dict[str, Any]:
         from megatron.core.fusions.fused_bias_geglu import quick_gelu
 
         kw.update(activation_func=quick_gelu, gated_linear_unit=True)
+    elif ns.get("squared_relu"):
+        from megatron.core.activations import squared_relu
+
+        kw["activation_func"] = squared_relu
+    if ns.get("hybrid_layer_pattern"):
+        kw["is_hybrid_model"] = True
     if ns.get("rope_type") is None:
         kw.pop("rope_type", None)
     for d in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
@@ -273,6 +285,15 @@ def gpt_model_kwargs(ns: dict) -> dict[str, Any]:
                 rope_scaling=value(ns, "use_rope_scaling"), rope_scaling_factor=8.0)
 
 
+def hybrid_model_kwargs(ns: dict) -> dict[str, Any]:
+    """HybridModel's own arguments, as Megatron-LM's hybrid_builder (pretrain_hybrid.py) passes them."""
+    return dict(vocab_size=ns["padded_vocab_size"], max_sequence_length=ns["max_position_embeddings"],
+                hybrid_layer_pattern=ns["hybrid_layer_pattern"],
+                share_embeddings_and_output_weights=not value(ns, "untie_embeddings_and_output_weights"),
+                position_embedding_type=value(ns, "position_embedding_type"),
+                rotary_percent=value(ns, "rotary_percent"), rotary_base=value(ns, "rotary_base"))
+
+
 def params_dtype(ns: dict) -> torch.dtype:
     return torch.bfloat16 if ns.get("bf16") else torch.float16 if ns.get("fp16") else torch.float32
 
@@ -294,11 +315,12 @@ def saved_args(ns: dict) -> argparse.Namespace:
 # The destinations that decide which tensors a model has and their shapes: a checkpoint and an HF config describe
 # the same weights only where these agree.
 SHAPES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "group_query_attention",
-          "num_query_groups", "normalization", "swiglu", "quick_geglu", "add_bias_linear", "add_qkv_bias",
+          "num_query_groups", "normalization", "swiglu", "quick_geglu", "squared_relu", "add_bias_linear", "add_qkv_bias",
           "qk_layernorm", "untie_embeddings_and_output_weights", "softmax_type", "multi_latent_attention",
           "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
           "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-          "moe_router_enable_expert_bias", "mtp_num_layers")
+          "moe_router_enable_expert_bias", "mtp_num_layers", "hybrid_layer_pattern", "mamba_state_dim",
+          "mamba_head_dim", "mamba_num_groups", "mamba_num_heads")
 
 
 def shape_differences(a: dict, b: dict) -> list[str]:

@@ -18,6 +18,11 @@ The rest are fixes for what Megatron-LM's flags cannot express; convert writes t
   This one is process-wide: megatron-core's RotaryEmbedding takes no such arguments.
 - "qk_l2_norm_layers": 1/0 per layer: the weightless q/k L2 norm only on the layers that rotate (Llama 4).
 - "mla_config": MLATransformerConfig fields no flag reaches (yarn beta_fast, beta_slow, original context).
+
+Hybrid models (Mamba-2, attention, MLP and MoE layers: pretrain_hybrid.py; setting "hybrid") take `--spec
+hf2mcore_spec hybrid_stack_spec`: megatron-core 0.19's own hybrid specs are made of Transformer Engine modules, and its HybridStack
+builds a TENorm; this one is megatron-core's local modules, with the same checkpoint keys as the TE spec (each
+layer's input norm saved under the name of the TE linear it is fused into there).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import json
 from pathlib import Path
 
 import torch.nn.functional as F
+from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
@@ -89,6 +95,49 @@ def _mtp_from(layer) -> None:
     gpt_layer_specs.get_gpt_mtp_block_spec = get_gpt_mtp_block_spec
 
 
+def hybrid_spec():
+    """The hybrid stack spec (megatron-core's local modules, the TE spec's checkpoint keys)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (MoETransformerLayer, TransformerLayer,
+                                                             TransformerLayerSubmodules)
+
+    dense = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
+    # megatron-core's MoE spec for any expert count (as its TE hybrid spec builds it), local experts
+    moe = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm").submodules
+    norm = dense.input_layernorm  # RMSNorm or LayerNorm, as config.normalization says
+    mixer = ModuleSpec(module=MambaMixer,
+                       submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
+    mamba = MambaLayerSubmodules(norm=norm, mixer=mixer, mamba_bda=dense.self_attn_bda,
+                                 sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})
+    attention = TransformerLayerSubmodules(
+        input_layernorm=norm, self_attention=dense.self_attention, self_attn_bda=dense.self_attn_bda,
+        sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})
+    mlp = TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=dense.mlp, mlp_bda=dense.mlp_bda,
+                                     sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})
+    experts = TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=moe.mlp, mlp_bda=moe.mlp_bda)
+    return ModuleSpec(module=LocalHybridStack, params={"final_norm": norm}, submodules=HybridStackSubmodules(
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=mamba),
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=attention),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp),
+        moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=experts)))
+
+
+class LocalHybridStack(HybridStack):
+    """HybridStack with the local final norm (megatron-core 0.19 builds a TENorm there whatever the spec)."""
+
+    def __init__(self, config, submodules, *args, final_norm=None, post_layer_norm=True, post_process=True, **kwargs):
+        super().__init__(config, submodules, *args, post_layer_norm=False, post_process=post_process, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if post_process and post_layer_norm:
+            self.final_norm = final_norm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+
+
 class LocalMLASelfAttention(MLASelfAttention):
     """MLA that builds exactly the projections and norms its spec names: with q/k norms but no q compression
     (DeepSeek-V2-Lite), megatron-core 0.19 insists on a norm fused into linear_q_proj, which HF does not have."""
@@ -124,3 +173,9 @@ class LocalMLACoreAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# Megatron-LM's --spec reads a module attribute, not a function: built on import where the settings say hybrid (the
+# checkpoint's copy; hf2mcore calls hybrid_spec() once megatron-core's Mamba layer can be imported)
+if SETTINGS.exists() and json.loads(SETTINGS.read_text()).get("hybrid"):
+    hybrid_stack_spec = hybrid_spec()

@@ -1,11 +1,13 @@
-"""The GPTModel that Megatron-LM builds from a Megatron-LM namespace (and the --spec hook's settings).
+"""The GPTModel (or HybridModel) that Megatron-LM builds from a Megatron-LM namespace (and the --spec hook's settings).
 
-The same path as pretrain_gpt.py: the TransformerConfig from the namespace (megatron_fields), the layer spec from
-the hook (megatron_hooks) or else Megatron-LM's default spec, GPTModel with the builder's arguments. Only run-time
-settings differ (RUNTIME): hf2mcore builds on the CPU or the meta device, without fused kernels or dropout.
+The same path as pretrain_gpt.py (pretrain_hybrid.py): the TransformerConfig from the namespace (megatron_fields),
+the layer spec from the hook (megatron_hooks) or else Megatron-LM's default spec, the model with the builder's
+arguments. Only run-time settings differ (RUNTIME): hf2mcore builds on the CPU or the meta device, without fused
+kernels or dropout.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ RUNTIME: dict[str, Any] = dict(
     bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
     gradient_accumulation_fusion=False, persist_layer_norm=False, sequence_parallel=False,
     deallocate_pipeline_outputs=True, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+    use_mamba_mem_eff_path=False,  # the fused Mamba path needs causal_conv1d's CUDA kernels
 )
 
 
@@ -105,15 +108,20 @@ def mtp_block_spec(config, vp_stage: int | None):
     return gpt_layer_specs.get_gpt_mtp_block_spec(config, last, use_transformer_engine=False, vp_stage=vp_stage)
 
 
-def build_gpt(ns: dict, settings: dict | None, device: str = "meta", *, pre_process: bool | None = None,
-              post_process: bool | None = None, vp_stage: int | None = None, **config_overrides):
-    """Build this rank's GPTModel for `ns` under the current parallel state."""
+def build(ns: dict, settings: dict | None, device: str = "meta", *, pre_process: bool | None = None,
+          post_process: bool | None = None, vp_stage: int | None = None, **config_overrides):
+    """Build this rank's GPTModel (HybridModel for a hybrid layer pattern) for `ns` under the current parallel
+    state."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 
     from .runtime import cpu_patches
 
+    if ns.get("hybrid_layer_pattern"):
+        from .runtime import mamba_kernels
+
+        mamba_kernels()
     config = transformer_config(ns, **config_overrides)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
@@ -121,6 +129,8 @@ def build_gpt(ns: dict, settings: dict | None, device: str = "meta", *, pre_proc
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     # the hook's patches are process-wide (llama3 rope, the MLA MTP spec): this process builds other models too
     scaling, mtp = RotaryEmbedding._apply_scaling, gpt_layer_specs.get_gpt_mtp_block_spec
+    if ns.get("hybrid_layer_pattern"):
+        return _build_hybrid(ns, config, device, pre_process, post_process, vp_stage)
     try:
         spec, factor = layer_spec(ns, settings, config, vp_stage)
         kwargs = {**megatron_fields.gpt_model_kwargs(ns), "rope_scaling_factor": factor}
@@ -134,6 +144,24 @@ def build_gpt(ns: dict, settings: dict | None, device: str = "meta", *, pre_proc
     if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
         model = model.to(device)
     return model
+
+
+def _build_hybrid(ns, config, device, pre_process, post_process, vp_stage):
+    """HybridModel as Megatron-LM's hybrid_builder makes it, with the hook's local stack spec."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from . import megatron_hooks
+    from .runtime import cpu_patches
+
+    mixer_log = logging.getLogger("megatron.core.ssm.mamba_mixer")  # warns once a layer about RUNTIME's unfused path
+    level = mixer_log.level
+    mixer_log.setLevel(logging.ERROR)
+    with torch.device("cpu" if device == "cpu" else device), cpu_patches():
+        model = HybridModel(config=config, hybrid_stack_spec=megatron_hooks.hybrid_spec(),
+                            pre_process=pre_process, post_process=post_process, parallel_output=False,
+                            vp_stage=vp_stage, **megatron_fields.hybrid_model_kwargs(ns))
+    mixer_log.setLevel(level)
+    return model if device == "cpu" else model.to(device)
 
 
 def mtp_logits(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -154,8 +182,10 @@ def mtp_logits(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits [b, s, padded vocab] on the model's device."""
     s = ids.shape[1]
-    from .runtime import causal_mask, cpu_patches
+    from .runtime import causal_mask, check_cpu_kernels, cpu_patches
 
     device = next(model.parameters()).device
+    if device.type == "cpu" and any(type(m).__name__ == "MambaMixer" for m in model.modules()):
+        check_cpu_kernels()
     with torch.no_grad(), cpu_patches():
         return model(ids.to(device), torch.arange(s, device=device)[None], causal_mask(s, device)).float()

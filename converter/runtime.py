@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+import types
 from unittest import mock
 
 import torch
@@ -96,7 +99,59 @@ def cpu_patches():
         # sliding-window attention builds its mask with device="cuda"
         stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
                                        window_mask))
+        if "megatron.core.ssm.mamba_mixer" in sys.modules:
+            # Mamba's Triton kernels, interpreted (mamba_kernels): they enter the tensor's CUDA device, and their
+            # autotuner would time each candidate on a GPU; any one configuration computes the same result
+            stack.enter_context(mock.patch("torch.cuda.device", lambda *a, **k: contextlib.nullcontext()))
+            stack.enter_context(mock.patch("triton.runtime.autotuner.Autotuner.prune_configs", _first_config))
         yield
+
+
+def _first_config(self, kwargs):
+    return self.configs[:1]
+
+
+def check_cpu_kernels() -> None:
+    """Before a Mamba layer runs on the CPU: Triton's interpreter must be on (imports.interpret_triton_without_gpu)."""
+    import triton.language as tl
+
+    if type(tl.cumsum).__name__ != "InterpretedFunction":
+        raise ConversionError("Mamba layers on the CPU run Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                              "environment, or import converter before torch (it sets it on machines without a GPU)")
+
+
+def mamba_kernels() -> None:
+    """Make megatron-core's Mamba layer buildable before megatron.core.ssm is first imported.
+
+    It needs mamba_ssm's Triton kernels. mamba-ssm installed without its CUDA extension (MAMBA_SKIP_CUDA_BUILD=TRUE,
+    as setup.sh does: the extension needs nvcc and a long build) has them, but its package __init__ imports the
+    extension, so megatron-core would take the package for absent: megatron-core then sees the package without
+    its __init__ run."""
+    ssm = sys.modules.get("megatron.core.ssm.mamba_mixer")
+    if ssm is not None:
+        if not ssm.HAVE_MAMBA_SSM:
+            raise ConversionError("internal: megatron-core's Mamba layer was imported before mamba_kernels()")
+        return
+    stand_in = None
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        found = importlib.util.find_spec("mamba_ssm")
+        if found is None or not found.submodule_search_locations:
+            raise ConversionError("Mamba layers need the mamba-ssm package (its Triton kernels are enough: "
+                                  "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation "
+                                  "mamba-ssm)") from None
+        stand_in = sys.modules["mamba_ssm"] = types.ModuleType("mamba_ssm")
+        stand_in.__path__, stand_in.__spec__ = list(found.submodule_search_locations), found
+    try:
+        import megatron.core.ssm.mamba_mixer as mixer
+    finally:
+        # only megatron-core sees the stand-in: transformers, finding no importable mamba_ssm, keeps its PyTorch
+        # Mamba-2 (an independent reference)
+        if stand_in is not None and sys.modules.get("mamba_ssm") is stand_in:
+            del sys.modules["mamba_ssm"]
+    if not mixer.HAVE_MAMBA_SSM:
+        raise ConversionError("megatron-core cannot import mamba_ssm's Triton kernels (mamba_ssm.ops.triton)")
 
 
 def window_mask(sq: int, skv: int, window: tuple[int, int]) -> torch.Tensor:

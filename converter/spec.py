@@ -45,7 +45,7 @@ MEASURED = {
 
 @dataclass(frozen=True)
 class RopeSpec:
-    kind: str = "rope"  # rope | llama3 | yarn
+    kind: str = "rope"  # rope | llama3 | yarn | none (no position embedding: Nemotron-H's attention)
     theta: float = 10000.0
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
@@ -87,6 +87,15 @@ class MLASpec:
 
 
 @dataclass(frozen=True)
+class MambaSpec:
+    """Mamba-2 mixer sizes (megatron-core's MambaMixer; d_conv 4 and the gated norm's eps 1e-5 are fixed there)."""
+    state_dim: int
+    head_dim: int
+    num_groups: int
+    num_heads: int
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     architecture: str
     family: str
@@ -99,7 +108,7 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     norm_epsilon: float
-    activation: str = "swiglu"  # swiglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped)
+    activation: str = "swiglu"  # swiglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped) | squared_relu
     glu_clamp: float | None = None
     window: int | None = None  # sliding-window attention: keys per query, itself included
     window_layers: tuple[int, ...] | None = None  # 1 = the layer attends through the window; None = every layer
@@ -114,6 +123,9 @@ class ModelSpec:
     moe: MoESpec | None = None
     mla: MLASpec | None = None
     mtp_layers: int = 0  # multi-token-prediction layers (their weights follow the last decoder layer in HF)
+    # hybrid models (megatron-core's HybridModel): one symbol a layer, M Mamba-2, * attention, - MLP, E MoE
+    layer_pattern: str | None = None
+    mamba: MambaSpec | None = None
     warnings: tuple[str, ...] = ()
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -137,6 +149,8 @@ class ModelSpec:
         a.update(normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon)
         if self.activation == "clamped_swiglu":
             a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
+        elif self.activation == "squared_relu":  # not gated: linear_fc1 is HF's up_proj
+            a["squared_relu"] = True
         else:
             a["swiglu"] = True
         if self.window:  # megatron-core counts the keys before the query: HF's window includes the query itself
@@ -151,8 +165,11 @@ class ModelSpec:
                  qk_layernorm=self.qk_layernorm, untie_embeddings_and_output_weights=not self.tie_word_embeddings,
                  attention_softmax_in_fp32=True)  # as HF's attention computes its softmax
         r = self.rope
-        a.update(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
-                 rotary_base=int(r.theta), rotary_percent=r.percent, rotary_interleaved=r.interleaved)
+        if r.kind == "none":
+            a["position_embedding_type"] = "none"
+        else:
+            a.update(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
+                     rotary_base=int(r.theta), rotary_percent=r.percent, rotary_interleaved=r.interleaved)
         if r.kind == "llama3":
             a.update(use_rope_scaling=True, rope_scaling_factor=r.factor)
         if r.kind == "yarn":
@@ -172,7 +189,8 @@ class ModelSpec:
         if self.moe is not None:
             e = self.moe
             # all-MoE: the int 1, as Megatron-LM's default, so megatron-core stacks the layers as training does
-            freq = 1 if all(e.layer_pattern) else list(e.layer_pattern)
+            # hybrid models place their MoE layers by the E of the layer pattern
+            freq = None if self.layer_pattern else 1 if all(e.layer_pattern) else list(e.layer_pattern)
             a.update(num_experts=e.num_experts, moe_ffn_hidden_size=e.ffn_hidden_size, moe_router_topk=e.topk,
                      moe_layer_freq=freq, moe_shared_expert_intermediate_size=e.shared_expert_size or None,
                      moe_shared_expert_gate=e.shared_expert_gate, moe_apply_probs_on_input=e.probs_on_input,
@@ -182,14 +200,18 @@ class ModelSpec:
                      moe_router_dtype="fp32")  # HF routes in fp32 whatever the weights' dtype
         if self.mtp_layers:
             a["mtp_num_layers"] = self.mtp_layers
+        if self.layer_pattern:
+            m = self.mamba
+            a.update(hybrid_layer_pattern=self.layer_pattern, mamba_state_dim=m.state_dim, mamba_head_dim=m.head_dim,
+                     mamba_num_groups=m.num_groups, mamba_num_heads=m.num_heads)
         # Pinned so the Megatron vocabulary is HF's at this TP (no 128*TP default padding).
         a.update(padded_vocab_size=self.padded_vocab_size(tp), make_vocab_size_divisible_by=1)
         a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         if self.moe is not None:
             a.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
         a.update(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, transformer_impl="local")
-        if self.hook_settings(exact) is not None:
-            a["spec"] = [HOOK_MODULE, "layer_spec"]
+        if self.hook_settings(exact) is not None:  # pretrain_hybrid.py always needs one: its stack spec
+            a["spec"] = [HOOK_MODULE, "hybrid_stack_spec" if self.layer_pattern else "layer_spec"]
         return megatron_fields.namespace(**{k: v for k, v in a.items() if v is not None})
 
     def gaps(self) -> list[Gap]:
@@ -227,6 +249,8 @@ class ModelSpec:
     def hook_settings(self, exact: bool = False) -> dict | None:
         """Settings of the --spec hook (megatron_hooks), or None when Megatron-LM's own specs build the model."""
         s: dict[str, Any] = {"mla": True} if self.mla is not None else {}
+        if self.layer_pattern:
+            s["hybrid"] = True
         if exact:
             for gap in self.gaps():
                 s.update(gap.fix or {})
@@ -246,6 +270,13 @@ class ModelSpec:
             problems.append(f"num_key_value_heads={self.num_query_groups} is not divisible by tp={tp}")
         if self.ffn_hidden_size % tp:
             problems.append(f"intermediate_size={self.ffn_hidden_size} is not divisible by tp={tp}")
+        if self.mamba is not None:
+            if self.mamba.num_heads % tp or self.mamba.num_groups % tp:
+                problems.append(f"mamba_num_heads={self.mamba.num_heads} and n_groups={self.mamba.num_groups} must "
+                                f"be divisible by tp={tp}")
+            if pp > 1:
+                problems.append(f"pp={pp}: hybrid models split into pipeline stages by '|' marks in the layer "
+                                "pattern, which hf2mcore does not write yet")
         if self.num_layers % pp:  # Megatron-LM's even split (the argument file sets no uneven first/last stage)
             problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp={pp}")
         if self.moe is None and ep > 1:
@@ -260,19 +291,19 @@ class ModelSpec:
 
     def build_model(self, device: str = "meta", dtype: torch.dtype = torch.float32, *, exact: bool = True,
                     **kw):
-        """The megatron-core GPTModel that Megatron-LM builds from this model's flags (model.build_gpt); `exact`
+        """The megatron-core GPTModel (HybridModel) that Megatron-LM builds from this model's flags (model.build); `exact`
         (for models built in this process, e.g. the live API): with the hook's fixes for what no flag says."""
         from megatron.core import parallel_state as ps
 
-        from .model import build_gpt, parallel_sizes
+        from .model import build, parallel_sizes
         from .runtime import ensure_distributed
 
         if not ps.model_parallel_is_initialized():
             ensure_distributed()
         sizes = parallel_sizes()
         self.check_parallel(*sizes)
-        return build_gpt(self.megatron_namespace(*sizes, dtype=dtype, exact=exact), self.hook_settings(exact),
-                         device=device, **kw)
+        return build(self.megatron_namespace(*sizes, dtype=dtype, exact=exact), self.hook_settings(exact),
+                     device=device, **kw)
 
     def replace(self, **kw) -> "ModelSpec":
         return dataclasses.replace(self, **kw)

@@ -10,7 +10,7 @@ from . import layout
 from .derive import derive
 from .errors import ConversionError
 from .mcore_io import load_into
-from .model import build_gpt, mcore_logits, single_process
+from .model import build, mcore_logits, single_process
 from .runtime import ensure_distributed
 
 SAMPLE_TEXT = (
@@ -69,7 +69,7 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
     dt = checkpoint_dtype(ckpt)
     ensure_distributed()
     ns = {**single_process(ns), "bf16": False, "fp16": False}  # fp32 compute from the checkpoint's values
-    model = build_gpt(ns, settings, device="cpu")
+    model = build(ns, settings, device="cpu")
     load_into(model, ckpt)
     model = model.to(device).eval()
     ids = token_ids(hf_dir, text, spec.vocab_size)

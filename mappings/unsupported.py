@@ -1,4 +1,5 @@
-"""Known architectures megatron-core's GPTModel cannot express exactly; each names what is missing."""
+"""Known architectures megatron-core cannot express exactly (or hf2mcore does not convert yet); each names what
+is missing."""
 from .base import Family
 
 FAMILIES = (
@@ -6,8 +7,7 @@ FAMILIES = (
            refuse="attn_logit_softcapping / final_logit_softcapping (no logit soft-capping in megatron-core), "
                   "post_attention / post_feedforward norms around each block (not in the megatron-core layer) and "
                   "the sqrt(hidden_size) embedding scale"),
-    Family("nemotron_h", {"NemotronHForCausalLM": {}},
-           refuse="hybrid Mamba-2 layers (hybrid_override_pattern); GPTModel has no Mamba layers"),
     Family("qwen3_next", {"Qwen3NextForCausalLM": {}},
-           refuse="hybrid gated-DeltaNet linear-attention layers (full_attention_interval); GPTModel has none"),
+           refuse="gated-DeltaNet linear-attention layers (full_attention_interval) and gated attention: "
+                  "megatron-core's HybridModel has GatedDeltaNet layers, which hf2mcore does not map yet"),
 )

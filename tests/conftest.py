@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from converter.imports import interpret_triton_without_gpu
+
+interpret_triton_without_gpu()  # Mamba's Triton kernels on the CPU (before torch imports Triton)
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)
@@ -29,6 +32,9 @@ FAMILY_CONFIGS = [
     "meta-llama/Llama-4-Scout-17B-16E-Instruct:text",  # NoPE, L2 q/k norm, llama3 rope (high 1), top-1 on input
     "deepseek-ai/DeepSeek-V3#kimi-k2",  # Kimi-K2: DeepSeek-V3's layout, yarn betas 1, 1
     "openai/gpt-oss-20b#short-context",  # yarn with an original context of 64: the tests' 160 tokens go beyond it
+    "nvidia/Nemotron-H-56B-Base-8K",  # hybrid (HybridModel): Mamba-2, squared-ReLU MLP and attention without rope
+    # Nemotron 3-style hybrid MoE: Mamba-2, sigmoid-routed non-gated experts in groups, shared expert, attention
+    "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3",
 ]
 # optional features a family's defaults leave off, switched on so the tests see them
 OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
@@ -40,6 +46,8 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
              "openai/gpt-oss-20b#short-context": {"rope_scaling": {
                  "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 64}},
+             "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3": {"n_group": 2, "topk_group": 1,
+                                                                         "routed_scaling_factor": 2.5},
              # two layers: one NoPE, one dense
              "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
                                                                 "interleave_moe_layer_step": 2}}

@@ -5,7 +5,8 @@
 Each job ({"ckpt", "ids", "out", "extra": [flags], "mode": "forward" | "save"}) takes the flags from
 CKPT/megatron_args.sh exactly as written (bash sources it, PYTHONPATH included), parses and validates them with
 Megatron-LM's own `parse_and_validate_args`, builds the model the way `pretrain_gpt.py` does
-(`gpt_config_from_args` -> `GPTModelBuilder.build_distributed_models`), loads CKPT with Megatron-LM's
+(`gpt_config_from_args` -> `GPTModelBuilder.build_distributed_models`), or for a hybrid layer pattern the way
+`pretrain_hybrid.py` does (`hybrid_config_from_args` -> `HybridModelBuilder`), loads CKPT with Megatron-LM's
 `checkpointing.load_checkpoint` (`--finetune`, strictness raise_all) and saves to OUT (rank 0) the fp32
 full-vocabulary logits of the token ids, with the field-by-field comparisons of `_compare_with_hf2mcore`, or the
 error. Mode "save" saves the loaded model again with Megatron-LM's own `save_checkpoint` into the directory OUT.
@@ -13,7 +14,8 @@ error. Mode "save" saves the loaded model again with Megatron-LM's own `save_che
 The jobs share one process (Megatron-LM's imports are most of a run's cost); each starts from fresh global state
 (Megatron-LM's `unset_global_variables`, the parallel state, the --spec module). Megatron-LM runs without ModelOpt
 installed (its plain GPT path; the import costs seconds). Only CPU stand-ins are added (REFERENCE.md §8), none of
-which changes the model.
+which changes the model; for Mamba layers, hf2mcore's (converter.runtime: mamba_ssm's Triton kernels, interpreted,
+and the unfused Mamba path, `--disable-mamba-mem-eff-path`, since the fused one needs causal_conv1d's CUDA kernels).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ def main() -> None:
     mlm, jobs = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     sys.modules["modelopt"] = None  # a training environment without ModelOpt
     sys.path.insert(0, mlm)
+    from converter.imports import interpret_triton_without_gpu
+
+    interpret_triton_without_gpu()
     import torch
     import torch.distributed as dist
 
@@ -51,8 +56,9 @@ def main() -> None:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.training import arguments
 
-    from converter.runtime import window_mask
+    from converter.runtime import cpu_patches, mamba_kernels, window_mask
 
+    mamba_kernels()  # before Megatron-LM's hybrid builder imports megatron-core's Mamba layer
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     scaling = RotaryEmbedding._apply_scaling  # the --exact hook rebinds it process-wide
     with contextlib.ExitStack() as stack:
@@ -65,6 +71,7 @@ def main() -> None:
         stack.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
         stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
                                        window_mask))
+        stack.enter_context(cpu_patches())  # adds Mamba's Triton stand-ins to the above
         for job in jobs:
             argv, path = model_args(Path(job["ckpt"]))
             sys.path[:0] = path  # what megatron_args.sh put on PYTHONPATH (the --spec hook)
@@ -89,9 +96,10 @@ def run(job: dict, argv: list[str]) -> dict:
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
     from megatron.training import checkpointing, get_args
-    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.argument_utils import gpt_config_from_args, hybrid_config_from_args
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.models.gpt import GPTModelBuilder
+    from megatron.training.models.hybrid import HybridModelBuilder
 
     ckpt = Path(job["ckpt"])
     sys.argv = [sys.argv[0], *argv, "--load", str(ckpt), "--finetune", "--no-load-optim",
@@ -99,6 +107,7 @@ def run(job: dict, argv: list[str]) -> dict:
                 "--tokenizer-type", "NullTokenizer", "--vocab-size", "8", "--no-gradient-accumulation-fusion",
                 "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
                 "--no-bias-dropout-fusion", "--no-rope-fusion", "--attention-dropout", "0", "--hidden-dropout", "0",
+                *(["--disable-mamba-mem-eff-path"] if "--hybrid-layer-pattern" in argv else []),
                 *job.get("extra", [])]
     with _cpu_factories():  # --use-checkpoint-args reads the tracker as load_checkpoint does
         args = parse_and_validate_args()
@@ -106,9 +115,10 @@ def run(job: dict, argv: list[str]) -> dict:
                                  expert_model_parallel_size=args.expert_model_parallel_size,
                                  expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     with mock.patch.object(mrandom.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext()):
-        cfg = gpt_config_from_args(args)
+        hybrid = args.hybrid_layer_pattern is not None
+        cfg = (hybrid_config_from_args if hybrid else gpt_config_from_args)(args)
         checks = _compare_with_hf2mcore(ckpt, cfg.transformer, get_args())
-        models = GPTModelBuilder(cfg).build_distributed_models(ProcessGroupCollection.use_mpu_process_groups(),
+        models = (HybridModelBuilder if hybrid else GPTModelBuilder)(cfg).build_distributed_models(ProcessGroupCollection.use_mpu_process_groups(),
                                                                 wrap_with_ddp=False)
         with _cpu_factories():
             checkpointing.load_checkpoint(models, None, None, strict=True)

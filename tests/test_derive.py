@@ -131,12 +131,53 @@ def test_family_traits():
 
 @pytest.mark.parametrize("name,feature", [
     ("google/gemma-2-2b", "softcapping"),
-    ("nvidia/Nemotron-H-56B-Base-8K", "Mamba"),
     ("Qwen/Qwen3-Next-80B-A3B-Thinking", "linear-attention"),
 ])
 def test_refusals_name_the_feature(name, feature):
     with pytest.raises(ConversionError, match=feature):
         derive(CONFIGS / name)
+
+
+def test_nemotron_h_traits():
+    """Nemotron-H-56B: the layer pattern as megatron-core's symbols, Mamba-2 sizes, squared-ReLU MLPs, attention
+    without position embedding, pretrain_hybrid.py's --spec; what megatron-core's mixer cannot follow is said."""
+    spec = derive(CONFIGS / "nvidia/Nemotron-H-56B-Base-8K")
+    assert spec.num_layers == 118 == len(spec.layer_pattern) and spec.layer_pattern.startswith("M-M-M-M*-")
+    assert (spec.mamba.state_dim, spec.mamba.head_dim, spec.mamba.num_groups, spec.mamba.num_heads) == (256, 64, 8, 256)
+    flags = " ".join(megatron_fields.flags(spec.megatron_namespace(tp=8)))
+    for f in ("--hybrid-layer-pattern M-M-M-M*-", "--mamba-num-heads 256", "--mamba-state-dim 256", "--squared-relu",
+              "--position-embedding-type none", "--spec hf2mcore_spec hybrid_stack_spec", "--ffn-hidden-size 32768"):
+        assert f in flags, f
+    assert "--swiglu" not in flags and "--rotary-base" not in flags
+    assert any("time_step_min" in w for w in spec.warnings)
+    with pytest.raises(ConversionError, match="pipeline stages"):
+        spec.check_parallel(pp=2)
+    with pytest.raises(ConversionError, match="mamba_num_heads"):
+        spec.check_parallel(tp=16 * 3)
+
+
+def test_nemotron_3_moe_hybrid():
+    """transformers' NemotronHConfig defaults (Nemotron 3's layer kinds, with an E layer): sigmoid routing with the
+    expert bias, shared expert, non-gated experts; exact parameter count against transformers."""
+    spec = derive(real_config("transformers:nemotron_h:NemotronHForCausalLM"))
+    assert spec.layer_pattern == "ME*-" and spec.moe.layer_pattern == (0, 1, 0, 0)
+    assert spec.moe.score_function == "sigmoid" and spec.moe.expert_bias and spec.moe.shared_expert_size > 0
+    ns = spec.megatron_namespace()
+    assert "moe_layer_freq" not in ns and ns["squared_relu"]
+    assert mcore_param_count(spec) == hf_param_count(spec)
+
+
+@pytest.mark.parametrize("edit,what", [
+    ({"conv_kernel": 3}, "conv_kernel"), ({"moe_latent_size": 32}, "moe_latent_size"),
+    ({"use_bias": True}, "use_bias"), ({"hybrid_override_pattern": "M*G"}, "layer symbols"),
+    ({"num_hidden_layers": 5}, "num_hidden_layers=5"), ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act"),
+    ({"num_nextn_predict_layers": 1}, "multi-token-prediction"), ({"mamba_num_heads": 12, "n_groups": 8}, "n_groups"),
+])
+def test_hybrid_refusals_name_the_field(edit, what):
+    cfg = {**json.loads((CONFIGS / "nvidia/Nemotron-H-56B-Base-8K" / "config.json").read_text()),
+           "hybrid_override_pattern": "M-M*", "num_hidden_layers": 4, **edit}
+    with pytest.raises(ConversionError, match=what):
+        derive(cfg)
 
 
 def test_llama4_traits():

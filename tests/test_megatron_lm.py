@@ -27,7 +27,10 @@ JUDGE = Path(__file__).with_name("megatron_lm_judge.py")
 SOURCE = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared" / "megatron-lm",
                            Path("/work/shared/megatron-lm")) if p.is_dir()), None)
 LONG = 160  # tokens: beyond the tiny models' sliding windows (16)
-CHECKPOINT_ARGS = ("transformers:glm4_moe:Glm4MoeForCausalLM", "deepseek-ai/DeepSeek-V3")
+CHECKPOINT_ARGS = ("transformers:glm4_moe:Glm4MoeForCausalLM", "deepseek-ai/DeepSeek-V3",
+                   "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3")
+# models whose Megatron-LM save_checkpoint is exported back: a stacked-MoE GPT model, a hybrid MoE model
+SAVED = ("Qwen/Qwen3-30B-A3B", "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3")
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +123,8 @@ def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
                      progress=False)
         add(name, "mtp", mc, ids_for(derive(mc / "hf_config.json").vocab_size))
         add(name, "mtp_save", mc, ids_for(8, 4), mode="save")
-    add("Qwen/Qwen3-30B-A3B", "save", root / "Qwen_Qwen3-30B-A3B" / "mc", ids_for(8, 4), mode="save")
+    for name in SAVED:
+        add(name, "save", cases[name]["plain"][1], ids_for(8, 4), mode="save")
     ids = token_ids(smollm2, SAMPLE_TEXT, 49152)
     add("smollm2", "plain", convert(smollm2, root / "smollm2", dtype="fp32", progress=False), ids)
     judge(megatron_lm, [j for c in cases.values() for j, _, _ in c.values()])
@@ -168,17 +172,19 @@ def test_use_checkpoint_args(name, tiny_models, verdicts):
     assert_judged(verdict(j), hf_logits(tiny_models(name), ids))
 
 
-def test_megatron_lm_saved_checkpoint_exports_bit_exact(tiny_models, verdicts, tmp_path):
-    """Megatron-LM's own save_checkpoint (stacked MoE layout, its own full args, iter_0000001, no hf2mcore files)
-    exports to the original HF tensors without --like."""
+@pytest.mark.parametrize("name", SAVED)
+def test_megatron_lm_saved_checkpoint_exports_bit_exact(name, tiny_models, verdicts, tmp_path):
+    """Megatron-LM's own save_checkpoint (its own full args, iter_0000001, no hf2mcore files; for the GPT model the
+    stacked MoE layout) exports to the original HF tensors without --like."""
     from converter.mcore_io import ChunkReader
 
-    saved = Path(verdicts["Qwen/Qwen3-30B-A3B"]["save"][0]["out"])
+    saved = Path(verdicts[name]["save"][0]["out"])
     assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert not (saved / "megatron_args.sh").exists() and not (saved / "hf_config.json").exists()
     keys = ChunkReader(saved / "iter_0000001").md.state_dict_metadata
-    assert any(k.startswith("decoder.layers.mlp.experts") for k in keys)  # stacked
-    assert_bit_exact(tiny_models("Qwen/Qwen3-30B-A3B"), export(saved, tmp_path / "back", progress=False))
+    if name == SAVED[0]:
+        assert any(k.startswith("decoder.layers.mlp.experts") for k in keys)  # stacked
+    assert_bit_exact(tiny_models(name), export(saved, tmp_path / "back", progress=False))
 
 
 @pytest.mark.parametrize("name", MTP_CONFIGS)
@@ -200,7 +206,8 @@ def test_mtp_layers_in_megatron_lm(name, mtp_models, verdicts, tmp_path):
     assert_bit_exact(hf, export(saved, tmp_path / "saved_back", like=hf, progress=False))
 
 
-@pytest.mark.parametrize("name,par", [("Qwen/Qwen3-8B", {"tp": 2}), ("mistralai/Mixtral-8x7B-v0.1", {"ep": 2})])
+@pytest.mark.parametrize("name,par", [("Qwen/Qwen3-8B", {"tp": 2}), ("mistralai/Mixtral-8x7B-v0.1", {"ep": 2}),
+                                      ("transformers:nemotron_h:NemotronHForCausalLM#nemotron-3", {"tp": 2, "ep": 2, "etp": 1})])
 def test_megatron_lm_parallel(name, par, tiny_models, megatron_lm, tmp_path):
     """Two ranks (gloo): the written --tensor/--expert-model-parallel-size load and match."""
     hf = tiny_models(name)

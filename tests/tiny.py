@@ -45,6 +45,14 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
             c[k] = experts
     if c.get("layer_types"):
         c["layer_types"] = c["layer_types"][: c["num_hidden_layers"]]
+    if c.get("mamba_num_heads"):  # hybrid: one layer of each kind, in the order the real model first has them
+        for key in ("hybrid_override_pattern", "layers_block_type"):
+            if c.get(key):
+                kinds = list(dict.fromkeys(c[key]))
+                c[key] = "".join(kinds) if isinstance(c[key], str) else kinds
+                c["num_hidden_layers"] = len(c[key])
+        c.update(mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, head_dim=16,
+                 attention_head_dim=16, chunk_size=32)
     if c.get("sliding_window"):  # shorter than the test text, so the window shows
         c["sliding_window"] = 16
     if (c.get("n_group") or 1) > 1:  # grouped routing: groups must divide the (fewer) experts
