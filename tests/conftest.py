@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)
 
-from tiny import add_mtp, make_model, real_config, shrink  # noqa: E402
+from tiny import add_mtp, make_model, tiny_config  # noqa: E402
 
 # Supported families, each a real config (tiny sizes in tests)
 FAMILY_CONFIGS = [
@@ -36,23 +36,6 @@ FAMILY_CONFIGS = [
     # Nemotron 3-style hybrid MoE: Mamba-2, sigmoid-routed non-gated experts in groups, shared expert, attention
     "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3",
 ]
-# optional features a family's defaults leave off, switched on so the tests see them
-OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
-                                                          "routed_scaling_factor": 2.5},
-             # Kimi-K2's rope_scaling (its config.json is DeepSeek-V3's with these values)
-             "deepseek-ai/DeepSeek-V3#kimi-k2": {"rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
-                                                                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                                                                  "original_max_position_embeddings": 4096}},
-             "openai/gpt-oss-20b#short-context": {"rope_scaling": {
-                 "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                 "original_max_position_embeddings": 64}},
-             "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3": {"n_group": 2, "topk_group": 1,
-                                                                         "routed_scaling_factor": 2.5},
-             # two layers: one NoPE, one dense
-             "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
-                                                                "interleave_moe_layer_step": 2}}
-
-
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """name -> directory of a tiny fp32 HF model, made once per session."""
@@ -64,9 +47,8 @@ def tiny_models(tmp_path_factory):
 
         key = (name, dtype)
         if key not in cache:
-            cfg = {**shrink(real_config(name)), **OVERRIDES.get(name, {})}
-            cache[key] = make_model(cfg, root / f"{name.replace('/', '_').replace(':', '_').replace('#', '_')}_{dtype}",
-                                    dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+            d = root / f"{name.replace('/', '_').replace(':', '_').replace('#', '_')}_{dtype}"
+            cache[key] = make_model(tiny_config(name), d, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         return cache[key]
 
     return get

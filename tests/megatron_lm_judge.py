@@ -11,6 +11,8 @@ Megatron-LM's own `parse_and_validate_args`, builds the model the way `pretrain_
 full-vocabulary logits of the token ids, with the field-by-field comparisons of `_compare_with_hf2mcore`, or the
 error. Mode "save" saves the loaded model again with Megatron-LM's own `save_checkpoint` into the directory OUT.
 
+With a visible GPU (benchmarks/gpu_hybrid.py) it runs there, with nccl and none of the CPU stand-ins.
+
 The jobs share one process (Megatron-LM's imports are most of a run's cost); each starts from fresh global state
 (Megatron-LM's `unset_global_variables`, the parallel state, the --spec module). Megatron-LM runs without ModelOpt
 installed (its plain GPT path; the import costs seconds). Only CPU stand-ins are added (REFERENCE.md §8), none of
@@ -50,28 +52,23 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
+    from converter.runtime import mamba_kernels
+
+    mamba_kernels()  # before anything of Megatron-LM's imports megatron-core's Mamba layer
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(29500 + os.getpid() % 2000)).items():
         os.environ.setdefault(k, v)
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.training import arguments
-
-    from converter.runtime import cpu_patches, mamba_kernels, window_mask
-
-    mamba_kernels()  # before Megatron-LM's hybrid builder imports megatron-core's Mamba layer
-    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    cuda = torch.cuda.is_available()  # the tests hide the GPU; benchmarks/gpu_hybrid.py runs this on one
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
     scaling = RotaryEmbedding._apply_scaling  # the --exact hook rebinds it process-wide
     with contextlib.ExitStack() as stack:
-        # CPU stand-ins (REFERENCE.md §8): no CUDA device, no fused kernels
-        stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
-        stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
-        stack.enter_context(mock.patch("torch.cuda.get_rng_state", lambda *a, **k: torch.get_rng_state()))
-        stack.enter_context(mock.patch.object(torch.nn.Module, "cuda", lambda self, *a, **k: self))
-        stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
-        stack.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
-        stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
-                                       window_mask))
-        stack.enter_context(cpu_patches())  # adds Mamba's Triton stand-ins to the above
+        if not cuda:
+            _cpu_stand_ins(stack, torch, arguments)
         for job in jobs:
             argv, path = model_args(Path(job["ckpt"]))
             sys.path[:0] = path  # what megatron_args.sh put on PYTHONPATH (the --spec hook)
@@ -86,6 +83,21 @@ def main() -> None:
             elif "error" in result:
                 raise SystemExit(result["error"])
             dist.barrier()
+
+
+def _cpu_stand_ins(stack, torch, arguments) -> None:
+    """CPU stand-ins (REFERENCE.md §8): no CUDA device, no fused kernels."""
+    from converter.runtime import cpu_patches, window_mask
+
+    stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
+    stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
+    stack.enter_context(mock.patch("torch.cuda.get_rng_state", lambda *a, **k: torch.get_rng_state()))
+    stack.enter_context(mock.patch.object(torch.nn.Module, "cuda", lambda self, *a, **k: self))
+    stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
+    stack.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
+    stack.enter_context(mock.patch("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
+                                   window_mask))
+    stack.enter_context(cpu_patches())  # adds Mamba's Triton stand-ins to the above
 
 
 def run(job: dict, argv: list[str]) -> dict:
@@ -114,12 +126,19 @@ def run(job: dict, argv: list[str]) -> dict:
     ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                  expert_model_parallel_size=args.expert_model_parallel_size,
                                  expert_tensor_parallel_size=args.expert_tensor_parallel_size)
-    with mock.patch.object(mrandom.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext()):
+    if torch.cuda.is_available():  # what Megatron-LM's initialize does for the model's RNG tracker
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+        fork = contextlib.nullcontext()
+    else:
+        fork = mock.patch.object(mrandom.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+    with fork:
         hybrid = args.hybrid_layer_pattern is not None
         cfg = (hybrid_config_from_args if hybrid else gpt_config_from_args)(args)
         checks = _compare_with_hf2mcore(ckpt, cfg.transformer, get_args())
-        models = (HybridModelBuilder if hybrid else GPTModelBuilder)(cfg).build_distributed_models(ProcessGroupCollection.use_mpu_process_groups(),
-                                                                wrap_with_ddp=False)
+        builder = (HybridModelBuilder if hybrid else GPTModelBuilder)(cfg)
+        models = builder.build_distributed_models(ProcessGroupCollection.use_mpu_process_groups(), wrap_with_ddp=False)
         with _cpu_factories():
             checkpointing.load_checkpoint(models, None, None, strict=True)
         if job.get("mode") == "save":
@@ -128,14 +147,14 @@ def run(job: dict, argv: list[str]) -> dict:
                 checkpointing.save_checkpoint(1, models, None, None, 0)
             return {}
         model = models[0]
-        ids = torch.load(job["ids"])
+        ids = torch.load(job["ids"]).cuda()  # (Tensor.cuda is the identity on CPU)
         s = ids.shape[1]
-        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None].cuda()
         model.eval()
         seen = []  # what GPTModel's forward feeds its MTP block's output to: [main; depth 1; ...] hidden states
         hook = model.mtp.register_forward_hook(lambda m, a, out: seen.append(out)) if model.mtp_process else None
         with torch.no_grad():
-            logits = model(ids, torch.arange(s)[None], mask).float()
+            logits = model(ids, torch.arange(s)[None].cuda(), mask).float()
             mtp = [gather_from_tensor_model_parallel_region(model.output_layer(
                        h, weight=model.shared_embedding_or_output_weight()
                        if model.share_embeddings_and_output_weights else None)[0]).transpose(0, 1).float()
@@ -144,7 +163,7 @@ def run(job: dict, argv: list[str]) -> dict:
             hook.remove()
         logits = gather_from_tensor_model_parallel_region(logits)
     dist.barrier()
-    return {"logits": logits, "mtp_logits": mtp, **checks}
+    return {"logits": logits.cpu(), "mtp_logits": [m.cpu() for m in mtp], **checks}
 
 
 def _reset(path: list[str], scaling) -> None:
@@ -197,6 +216,10 @@ RUN_ONLY = {"init_method", "output_layer_init_method", "inference_sampling_seed"
 def _cpu_factories():
     """Megatron-LM's checkpoint reader makes a few tensors on device='cuda' (the iteration all-reduce): CPU here."""
     import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
 
     real = {n: getattr(torch, n) for n in ("tensor", "zeros", "ones", "empty")}
 

@@ -13,10 +13,32 @@ CONFIGS = next((p for p in (Path(os.environ.get("HF2MCORE_HF_CONFIGS", "/nonexis
                             Path("/work/shared/hf_configs")) if p.is_dir()), Path("shared/hf_configs"))
 
 
+# optional features a family's defaults leave off, switched on so the tests see them
+OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True, "use_qk_norm": True,
+                                                          "routed_scaling_factor": 2.5},
+             # Kimi-K2's rope_scaling (its config.json is DeepSeek-V3's with these values)
+             "deepseek-ai/DeepSeek-V3#kimi-k2": {"rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
+                                                                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                                  "original_max_position_embeddings": 4096}},
+             "openai/gpt-oss-20b#short-context": {"rope_scaling": {
+                 "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 64}},
+             "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3": {"n_group": 2, "topk_group": 1,
+                                                                         "routed_scaling_factor": 2.5},
+             # two layers: one NoPE, one dense
+             "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
+                                                                "interleave_moe_layer_step": 2}}
+
+
+def tiny_config(name: str) -> dict:
+    """The tests' tiny config of `name` (FAMILY_CONFIGS): shrunk, with the variant's OVERRIDES."""
+    return {**shrink(real_config(name)), **OVERRIDES.get(name, {})}
+
+
 def real_config(name: str) -> dict:
     """A config of ../shared/hf_configs; `transformers:<model_type>:<Architecture>` takes transformers' class
     defaults instead (for families without a config there; e.g. Glm4MoeConfig's defaults are GLM-4.5's);
-    `name#variant` is that config (conftest's OVERRIDES say what the variant changes)."""
+    `name#variant` is that config (OVERRIDES say what the variant changes)."""
     name = name.split("#")[0]
     if name.endswith(":text"):  # the language model of a multimodal checkpoint, as a causal LM of its own
         cfg = json.loads((CONFIGS / name.removesuffix(":text") / "config.json").read_text())["text_config"]
