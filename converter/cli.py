@@ -85,9 +85,10 @@ def cmd_convert(a) -> int:
             allow_nonfinite=a.allow_nonfinite, mtp=not a.no_mtp)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
-    print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then pretrain_gpt.py \"${{MODEL_ARGS[@]}}\" "
-          f"--load {out} --finetune)")
-    from .layout import manifest
+    from .layout import manifest, read_args, training_script
+
+    print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then {training_script(read_args(Path(out)))} "
+          f"\"${{MODEL_ARGS[@]}}\" --load {out} --finetune)")
 
     recorded = manifest(out)
     for w in [*recorded.get("warnings", []), *recorded.get("megatron_lm_gaps", [])]:

@@ -2,7 +2,7 @@
 
     OUT/latest_checkpointed_iteration.txt   Megatron-LM's tracker: `release`
     OUT/release/                            torch_dist (metadata.json, .metadata, *.distcp, common state with `args`)
-    OUT/megatron_args.sh                    MODEL_ARGS for pretrain_gpt.py, derived (megatron_fields)
+    OUT/megatron_args.sh                    MODEL_ARGS for pretrain_gpt.py (hybrid: pretrain_hybrid.py), derived
     OUT/hf2mcore_spec.py, .json             the --spec hook (megatron_hooks), when the model needs one
     OUT/hf_config.json                      the source config.json
     OUT/hf2mcore.json                       manifest: source, sizes, versions, timings
@@ -82,14 +82,19 @@ def gap_lines(spec, settings: dict | None) -> list[str]:
     return out
 
 
+def training_script(ns: dict) -> str:
+    """Megatron-LM's entry point for the model: a hybrid layer pattern needs pretrain_hybrid.py."""
+    return "pretrain_hybrid.py" if ns.get("hybrid_layer_pattern") else "pretrain_gpt.py"
+
+
 def args_text(final: Path, spec, ns: dict, settings: dict | None) -> str:
     out = final.resolve()
     lines = [f"# Megatron-LM arguments derived by hf2mcore for {spec.architecture}",
-             f'# use: source {shlex.quote(str(out / ARGS_FILE))} && torchrun ... pretrain_gpt.py "${{MODEL_ARGS[@]}}" '
-             f"--load {shlex.quote(str(out))} --finetune ..."]
+             f'# use: source {shlex.quote(str(out / ARGS_FILE))} && torchrun ... {training_script(ns)} '
+             f'"${{MODEL_ARGS[@]}}" --load {shlex.quote(str(out))} --finetune ...']
     lines += [f"# WARNING: {w}" for w in (*spec.warnings, *gap_lines(spec, settings))]
     if settings is not None:
-        lines += [f"# --spec {HOOK_MODULE} layer_spec: the layer spec from {HOOK_MODULE}.py beside this file "
+        lines += [f"# --spec {' '.join(ns['spec'])}: the spec from {HOOK_MODULE}.py beside this file "
                   f"({', '.join(settings)})",
                   'export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"']
     parts = megatron_fields.flags(ns)

@@ -274,9 +274,6 @@ class ModelSpec:
             if self.mamba.num_heads % tp or self.mamba.num_groups % tp:
                 problems.append(f"mamba_num_heads={self.mamba.num_heads} and n_groups={self.mamba.num_groups} must "
                                 f"be divisible by tp={tp}")
-            if pp > 1:
-                problems.append(f"pp={pp}: hybrid models split into pipeline stages by '|' marks in the layer "
-                                "pattern, which hf2mcore does not write yet")
         if self.num_layers % pp:  # Megatron-LM's even split (the argument file sets no uneven first/last stage)
             problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp={pp}")
         if self.moe is None and ep > 1:

@@ -150,8 +150,7 @@ def test_nemotron_h_traits():
         assert f in flags, f
     assert "--swiglu" not in flags and "--rotary-base" not in flags
     assert any("time_step_min" in w for w in spec.warnings)
-    with pytest.raises(ConversionError, match="pipeline stages"):
-        spec.check_parallel(pp=2)
+    spec.check_parallel(tp=8, pp=2)  # Megatron-LM splits a pattern without '|' marks evenly
     with pytest.raises(ConversionError, match="mamba_num_heads"):
         spec.check_parallel(tp=16 * 3)
 

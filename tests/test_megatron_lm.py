@@ -216,3 +216,15 @@ def test_megatron_lm_parallel(name, par, tiny_models, megatron_lm, tmp_path):
     j = job(out, ids, tmp_path / "out.pt")
     judge(megatron_lm, [j], nproc=2)
     assert_judged(verdict(j), hf_logits(hf, ids))
+
+
+def test_megatron_lm_loads_hybrid_at_pp2(tiny_models, megatron_lm, tmp_path):
+    """A hybrid model written with --pp 2 (no '|' marks: Megatron-LM splits the pattern evenly): two Megatron-LM ranks
+    load it strictly from the written flags and save it again, and their save exports to the original tensors."""
+    name = "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3"
+    hf = tiny_models(name)
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False, pp=2)
+    assert "--pipeline-model-parallel-size 2" in (out / "megatron_args.sh").read_text()
+    j = job(out, ids_for(8, 4), tmp_path / "saved", mode="save")
+    judge(megatron_lm, [j], nproc=2)
+    assert_bit_exact(hf, export(tmp_path / "saved", tmp_path / "back", progress=False))

@@ -24,6 +24,7 @@ LAYOUTS = [
     ("openai/gpt-oss-20b", 1, 1, 2),  # EP over packed experts (each rank reads only its experts' slices)
     ("meta-llama/Llama-4-Scout-17B-16E-Instruct:text", 1, 2, 1),  # PP: per-layer q/k norms follow global layers
     ("nvidia/Nemotron-H-56B-Base-8K", 2, 1, 1),  # TP over Mamba's in_proj parts, conv1d parts and grouped norm
+    ("transformers:nemotron_h:NemotronHForCausalLM#nemotron-3", 1, 2, 1),  # PP: the hybrid pattern split evenly
 ]
 
 
