@@ -288,7 +288,8 @@ class _Deriver:
         if act not in ("silu", "swish"):
             self.refuse(f"mamba_hidden_act={act!r} (megatron-core's Mamba layer uses silu)")
         if self.get("moe_latent_size") is not None:
-            self.refuse("moe_latent_size (latent MoE projections are not mapped yet)")
+            self.refuse("moe_latent_size (Nemotron 3 Super/Ultra: megatron-core 0.19 builds the latent MoE projections "
+                        "only from Transformer Engine modules)")
         eps = self.number("norm_epsilon", 1e-5)
         if eps != 1e-5:
             self.warnings.append(f"layer_norm_epsilon={eps}: megatron-core's gated norm inside the Mamba mixer uses "

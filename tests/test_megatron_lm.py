@@ -125,6 +125,9 @@ def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
         add(name, "mtp_save", mc, ids_for(8, 4), mode="save")
     for name in SAVED:
         add(name, "save", cases[name]["plain"][1], ids_for(8, 4), mode="save")
+    # bf16: hf2mcore keeps megatron-core's fp32 Mamba A_log and D; Megatron-LM's bf16 model saves them in bf16
+    hybrid_bf16 = convert(tiny_models(SAVED[1], "bf16"), root / "hybrid_bf16", dtype="bf16", progress=False)
+    add(SAVED[1], "bf16_save", hybrid_bf16, ids_for(8, 4), mode="save")
     ids = token_ids(smollm2, SAMPLE_TEXT, 49152)
     add("smollm2", "plain", convert(smollm2, root / "smollm2", dtype="fp32", progress=False), ids)
     judge(megatron_lm, [j for c in cases.values() for j, _, _ in c.values()])
@@ -185,6 +188,17 @@ def test_megatron_lm_saved_checkpoint_exports_bit_exact(name, tiny_models, verdi
     if name == SAVED[0]:
         assert any(k.startswith("decoder.layers.mlp.experts") for k in keys)  # stacked
     assert_bit_exact(tiny_models(name), export(saved, tmp_path / "back", progress=False))
+
+
+def test_megatron_lm_loads_and_saves_a_bf16_hybrid(tiny_models, verdicts, tmp_path):
+    """A bf16 hybrid conversion (Mamba's A_log and D in fp32, as megatron-core makes them) loads strictly in
+    Megatron-LM's bf16 model, whose own save (those two in bf16) exports to the bf16 source bit for bit."""
+    from converter.mcore_io import ChunkReader
+
+    saved = Path(verdicts[SAVED[1]]["bf16_save"][0]["out"])
+    reader = ChunkReader(saved / "iter_0000001")
+    assert reader.dtype("decoder.layers.0.mixer.A_log") == torch.bfloat16
+    assert_bit_exact(tiny_models(SAVED[1], "bf16"), export(saved, tmp_path / "back", progress=False))
 
 
 @pytest.mark.parametrize("name", MTP_CONFIGS)
