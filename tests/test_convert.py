@@ -331,3 +331,24 @@ def test_parallel_sizes_must_fit(args, what, tiny_models, tmp_path):
         r = _cli(*cmd, *args)
         assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hybrid_time_step_floor_is_the_stated_gap(tiny_models, tmp_path):
+    """transformers' Mamba-2 keeps dt >= time_step_min, megatron-core's does not: the printed warning's figures.
+    Where dt stays above the floor the logits agree; a dt_bias that puts dt below it shows the stated error."""
+    from safetensors.torch import load_file
+
+    from converter import derive
+
+    hf = tiny_models("nvidia/Nemotron-H-56B-Base-8K")
+    warning = next(w for w in derive(hf).warnings if w.startswith("time_step_min="))
+    assert "9e-7" in warning and "4e-3" in warning
+    low = shutil.copytree(hf, tmp_path / "low")
+    t = load_file(low / "model.safetensors")
+    save_file({k: torch.full_like(v, -7.0) if k.endswith("dt_bias") else v for k, v in t.items()},
+              str(low / "model.safetensors"), metadata={"format": "pt"})
+    err = verify(low, convert(low, tmp_path / "mc", dtype="fp32", progress=False))["rel_err"]
+    assert 1e-3 < err < 1.6e-2, err
+    out = convert(hf, tmp_path / "mc0", dtype="fp32", progress=False)
+    assert verify(hf, out)["rel_err"] < 1e-5
+    assert warning in (out / "megatron_args.sh").read_text()
