@@ -12,7 +12,7 @@ from typing import Any
 import mappings
 
 from .errors import ConversionError
-from .spec import MCORE_LLAMA3, MambaSpec, MLASpec, MoESpec, ModelSpec, RopeSpec
+from .spec import MCORE_LLAMA3, GDNSpec, MambaSpec, MLASpec, MoESpec, ModelSpec, RopeSpec
 
 # Field aliases, first match wins (HF spellings across model families).
 ALIASES = {
@@ -223,7 +223,8 @@ class _Deriver:
         if quant:
             self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
                                  f"{quant.get('quant_method')!r}); convert reads them dequantized")
-        pattern = self._layer_pattern()
+        hybrid = self.implied.get("hybrid")
+        pattern = {"nemotron_h": self._layer_pattern, "qwen3_next": self._qwen3_next_pattern}.get(hybrid, str)() or None
         num_layers = len(pattern) if pattern else g("num_layers", required=True)
         fields: dict[str, Any] = dict(
             architecture=self.arch, family=self.fam.name, num_layers=num_layers, hidden_size=hidden,
@@ -235,18 +236,47 @@ class _Deriver:
             glu_clamp=self.get("swiglu_limit", kind=(int, float)),
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
             tie_word_embeddings=self.get("tie_word_embeddings", False, kind=bool),
-            rope=self._rope(), moe=self._moe(num_layers, pattern), mla=self._mla(), **self._window(),
-            nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(), layer_pattern=pattern,
-            mamba=self._mamba() if pattern and "M" in pattern else None,
+            rope=self._rope(), moe=self._moe(num_layers, pattern), mla=self._mla(),
+            **({} if hybrid else self._window()), nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(),
+            layer_pattern=pattern, mamba=self._mamba() if pattern and "M" in pattern else None,
+            gdn=self._gdn() if pattern and "G" in pattern else None,
+            hf_layer_span=2 if hybrid == "qwen3_next" else 1,
         )
         fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
 
+    def _qwen3_next_pattern(self) -> str:
+        """Qwen3-Next's layers as megatron-core's pattern: each HF layer is its mixer (`G` Gated DeltaNet or `*` gated
+        attention, from layer_types or every full_attention_interval-th layer) and then its `E` MoE or `-` MLP
+        (mlp_only_layers, decoder_sparse_step)."""
+        n = self.int_field("num_layers", required=True)
+        kinds = self.get("layer_types", kind=list)
+        if kinds is None:
+            every = self.int_field("full_attention_interval", 4)
+            kinds = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+        mixers = {"linear_attention": "G", "full_attention": "*"}
+        odd = sorted({str(k) for k in kinds} - set(mixers))
+        if odd or len(kinds) != n:
+            self.refuse(f"layer_types {odd or len(kinds)} (hf2mcore maps {n} of linear_attention / full_attention)")
+        moe = self._moe_pattern(n) if self.int_field("num_experts") else (0,) * n
+        self.warnings.append("multi-token-prediction weights (mtp.*) of Qwen3-Next releases are left out, as "
+                             "transformers does")
+        return "".join(mixers[k] + ("E" if m else "-") for k, m in zip(kinds, moe))
+
+    def _gdn(self) -> GDNSpec:
+        g = self.int_field
+        gdn = GDNSpec(conv_kernel=g("linear_conv_kernel_dim", 4), key_head_dim=g("linear_key_head_dim", required=True),
+                      value_head_dim=g("linear_value_head_dim", required=True),
+                      num_key_heads=g("linear_num_key_heads", required=True),
+                      num_value_heads=g("linear_num_value_heads", required=True))
+        if gdn.num_value_heads % gdn.num_key_heads:
+            raise ConversionError(f"linear_num_value_heads={gdn.num_value_heads} is not divisible by "
+                                  f"linear_num_key_heads={gdn.num_key_heads}")
+        return gdn
+
     def _layer_pattern(self) -> str | None:
         """A hybrid model's layers as megatron-core's pattern symbols: hybrid_override_pattern (Nemotron-H's
         releases) or layers_block_type (transformers 5)."""
-        if self.implied.get("mlp") != "plain":
-            return None
         pattern = self.get("hybrid_override_pattern", kind=str)
         if pattern is None:
             kinds = self.get("layers_block_type", kind=list) or self.get("layer_types", kind=list)

@@ -45,6 +45,7 @@ TABLE: tuple[Field, ...] = (
     F("--num-query-groups", "num_query_groups", default=1),
     F("--normalization", "normalization", "str", "LayerNorm"),
     F("--norm-epsilon", "layernorm_epsilon", "float", 1e-5, hf="rms_norm_eps"),
+    F("--apply-layernorm-1p", "layernorm_zero_centered_gamma", "true", False),
     F("--swiglu", "swiglu", "true", False),
     F("--quick-geglu", "quick_geglu", "true", False),
     F("--squared-relu", "squared_relu", "true", False),
@@ -58,6 +59,7 @@ TABLE: tuple[Field, ...] = (
     F("--disable-bias-linear", "add_bias_linear", "false", True),
     F("--add-qkv-bias", "add_qkv_bias", "true", False),
     F("--qk-layernorm", "qk_layernorm", "true", False),
+    F("--attention-output-gate", "attention_output_gate", "true", False),
     F("--attention-softmax-in-fp32", "attention_softmax_in_fp32", "true", False),
     F("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", "true", False),
     F("--position-embedding-type", "position_embedding_type", "str", "learned_absolute"),
@@ -102,6 +104,16 @@ TABLE: tuple[Field, ...] = (
     F("--mamba-head-dim", "mamba_head_dim", default=64, hf="mamba_head_dim", only_with="hybrid_layer_pattern"),
     F("--mamba-num-groups", "mamba_num_groups", default=8, hf="n_groups", only_with="hybrid_layer_pattern"),
     F("--mamba-num-heads", "mamba_num_heads", hf="mamba_num_heads", only_with="hybrid_layer_pattern"),
+    F("--linear-conv-kernel-dim", "linear_conv_kernel_dim", default=4, hf="linear_conv_kernel_dim",
+      only_with="hybrid_layer_pattern"),
+    F("--linear-key-head-dim", "linear_key_head_dim", default=128, hf="linear_key_head_dim",
+      only_with="hybrid_layer_pattern"),
+    F("--linear-value-head-dim", "linear_value_head_dim", default=128, hf="linear_value_head_dim",
+      only_with="hybrid_layer_pattern"),
+    F("--linear-num-key-heads", "linear_num_key_heads", default=16, hf="linear_num_key_heads",
+      only_with="hybrid_layer_pattern"),
+    F("--linear-num-value-heads", "linear_num_value_heads", default=32, hf="linear_num_value_heads",
+      only_with="hybrid_layer_pattern"),
     F("--padded-vocab-size", "padded_vocab_size", hf="vocab_size"),
     F("--make-vocab-size-divisible-by", "make_vocab_size_divisible_by", default=128),
     F("--tensor-model-parallel-size", "tensor_model_parallel_size", default=1),
@@ -320,7 +332,8 @@ SHAPES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
           "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
           "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
           "moe_router_enable_expert_bias", "mtp_num_layers", "hybrid_layer_pattern", "mamba_state_dim",
-          "mamba_head_dim", "mamba_num_groups", "mamba_num_heads")
+          "mamba_head_dim", "mamba_num_groups", "mamba_num_heads", "attention_output_gate", "linear_conv_kernel_dim",
+          "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
 
 
 def shape_differences(a: dict, b: dict) -> list[str]:

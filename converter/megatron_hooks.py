@@ -31,6 +31,7 @@ import functools
 import json
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.transformer.module import MegatronModule
@@ -99,6 +100,7 @@ def hybrid_spec():
     """The hybrid stack spec (megatron-core's local modules, the TE spec's checkpoint keys)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
     from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
@@ -110,28 +112,74 @@ def hybrid_spec():
     dense = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
     # megatron-core's MoE spec for any expert count (as its TE hybrid spec builds it), local experts
     moe = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm").submodules
-    norm = dense.input_layernorm  # RMSNorm or LayerNorm, as config.normalization says
+    self_attention = copy.deepcopy(dense.self_attention)
+    self_attention.submodules.q_layernorm = self_attention.submodules.k_layernorm = Norm  # (LocalHybridStack)
     mixer = ModuleSpec(module=MambaMixer,
                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
-    mamba = MambaLayerSubmodules(norm=norm, mixer=mixer, mamba_bda=dense.self_attn_bda,
+    mamba = MambaLayerSubmodules(norm=Norm, mixer=mixer, mamba_bda=dense.self_attn_bda,
                                  sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})
+    delta = ModuleSpec(module=GatedDeltaNet, submodules=GatedDeltaNetSubmodules(
+        in_proj=ColumnParallelLinear, out_norm=PlainRMSNorm, out_proj=RowParallelLinear))
+    gdn = TransformerLayerSubmodules(input_layernorm=Norm, self_attention=delta, self_attn_bda=dense.self_attn_bda,
+                                     sharded_state_dict_keys_map={"input_layernorm.": "self_attention.in_proj.layer_norm_"})
     attention = TransformerLayerSubmodules(
-        input_layernorm=norm, self_attention=dense.self_attention, self_attn_bda=dense.self_attn_bda,
+        input_layernorm=Norm, self_attention=self_attention, self_attn_bda=dense.self_attn_bda,
         sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})
-    mlp = TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=dense.mlp, mlp_bda=dense.mlp_bda,
+    mlp = TransformerLayerSubmodules(pre_mlp_layernorm=Norm, mlp=dense.mlp, mlp_bda=dense.mlp_bda,
                                      sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})
-    experts = TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=moe.mlp, mlp_bda=moe.mlp_bda)
-    return ModuleSpec(module=LocalHybridStack, params={"final_norm": norm}, submodules=HybridStackSubmodules(
+    experts = TransformerLayerSubmodules(pre_mlp_layernorm=Norm, mlp=moe.mlp, mlp_bda=moe.mlp_bda)
+    return ModuleSpec(module=LocalHybridStack, params={"final_norm": Norm}, submodules=HybridStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=mamba),
+        gdn_layer=ModuleSpec(module=TransformerLayer, submodules=gdn),
         attention_layer=ModuleSpec(module=TransformerLayer, submodules=attention),
         mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp),
         moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=experts)))
 
 
+class Norm:
+    """The layer norm the config asks for: megatron-core's local one, or for --apply-layernorm-1p (which it refuses)
+    an RMSNorm whose weight is stored centred on 0 (it scales by 1 + weight), as Transformer Engine's is."""
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        if config.layernorm_zero_centered_gamma and config.normalization == "RMSNorm":
+            return ZeroCenteredRMSNorm(hidden_size, eps, config.params_dtype)
+        return WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
+
+
+class PlainRMSNorm:
+    """Gated DeltaNet's output norm with the weight as HF stores it (not centred on 0, whatever --apply-layernorm-1p
+    says): hf2mcore's checkpoint keeps Qwen3-Next's values bit for bit. (Megatron-LM's TE spec centres this one too.)"""
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        return torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """RMSNorm scaling by 1 + weight, in fp32 (as HF's Qwen3-Next norms and TE's zero-centred gamma)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
 class LocalHybridStack(HybridStack):
-    """HybridStack with the local final norm (megatron-core 0.19 builds a TENorm there whatever the spec)."""
+    """HybridStack with the local final norm (megatron-core 0.19 builds a TENorm there whatever the spec), and q/k
+    norms in its attention layers where the config has them (megatron-core refuses a spec that names them else)."""
 
     def __init__(self, config, submodules, *args, final_norm=None, post_layer_norm=True, post_process=True, **kwargs):
+        if not config.qk_layernorm:
+            from megatron.core.transformer.identity_op import IdentityOp
+
+            submodules = copy.deepcopy(submodules)
+            attention = submodules.attention_layer.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = IdentityOp
         super().__init__(config, submodules, *args, post_layer_norm=False, post_process=post_process, **kwargs)
         self.post_layer_norm = post_layer_norm
         if post_process and post_layer_norm:

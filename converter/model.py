@@ -23,6 +23,7 @@ RUNTIME: dict[str, Any] = dict(
     gradient_accumulation_fusion=False, persist_layer_norm=False, sequence_parallel=False,
     deallocate_pipeline_outputs=True, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
     use_mamba_mem_eff_path=False,  # the fused Mamba path needs causal_conv1d's CUDA kernels
+    deterministic_mode=True,  # Gated DeltaNet's PyTorch conv1d and chunked delta rule (fla's are Triton-only)
 )
 
 

@@ -71,8 +71,10 @@ def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
             unmapped.append(name)
             continue
         rule, fields = found
+        g = spec.gdn
         ctx = Ctx(heads=spec.num_attention_heads, groups=spec.num_query_groups, head_dim=spec.kv_channels,
-                  shape=shape, hf_rows=spec.vocab_size)
+                  shape=shape, hf_rows=spec.vocab_size,
+                  delta_heads=(g.num_key_heads, g.key_head_dim, g.num_value_heads, g.value_head_dim) if g else (0,) * 4)
         jobs[name] = Job(name, tuple(rule.sources(fields)), rule, ctx)
     if unmapped:
         raise ConversionError(f"family {family.name!r} has no rule for {len(unmapped)} Megatron tensors: "
@@ -106,11 +108,16 @@ def build_plan(spec: ModelSpec, shapes: dict[str, tuple[int, ...]],
 
 
 _MTP = re.compile(r"mtp\.layers\.(\d+)\.(.*)")
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 
 
 def _rule_name(spec: ModelSpec, name: str) -> str:
-    """The name the family rules know a Megatron tensor by: MTP layer m is HF layer num_layers + m, and its
-    decoder layer (`mtp_model_layer`) is named as a decoder layer of that number."""
+    """The name the family rules know a Megatron tensor by: its HF layer's number where one HF layer is several
+    Megatron layers (hf_layer_span); MTP layer m is HF layer num_layers + m, and its decoder layer
+    (`mtp_model_layer`) is named as a decoder layer of that number."""
+    layer = _LAYER.fullmatch(name)
+    if layer is not None and spec.hf_layer_span > 1:
+        return f"decoder.layers.{int(layer.group(1)) // spec.hf_layer_span}.{layer.group(2)}"
     m = _MTP.fullmatch(name)
     if m is None:
         return name
@@ -143,10 +150,10 @@ def check_source(spec: ModelSpec, hf_shapes: dict[str, tuple[int, ...]]) -> None
             head, _, _ = name.removeprefix(prefix).partition(".")
             if name.startswith(prefix) and head.isascii() and head.isdigit():
                 found.add(int(head))
-    extra = _mtp_layers(spec)
+    extra, layers = _mtp_layers(spec), spec.num_layers // spec.hf_layer_span
     held = max(found, default=-1) + 1
-    if not spec.num_layers <= held <= spec.num_layers + extra:
-        raise ConversionError(f"config.json says {spec.num_layers} layers; the weights hold {held} "
+    if not layers <= held <= layers + extra:
+        raise ConversionError(f"config.json says {layers} layers; the weights hold {held} "
                               f"(numbered after {' or '.join(sorted(prefixes))})")
     embed = next((r.hf[0] for r in family.rules if r.mcore == "embedding.word_embeddings.weight"), None)
     want = (spec.vocab_size, spec.hidden_size)

@@ -154,6 +154,26 @@ def mamba_kernels() -> None:
         raise ConversionError("megatron-core cannot import mamba_ssm's Triton kernels (mamba_ssm.ops.triton)")
 
 
+@contextlib.contextmanager
+def transformers_reference(model, torch_only: bool = False):
+    """transformers' hybrid models call kernel packages (fla's Gated DeltaNet, mamba_ssm) wherever they are installed,
+    and those run only on a GPU: on the CPU (or with torch_only), the model's own PyTorch functions compute the
+    reference instead, for the block (transformers keeps each one as the kernel wrapper's __wrapped__)."""
+    module = sys.modules[type(model).__module__]
+    if torch.cuda.is_available() and not torch_only:
+        yield
+        return
+    kernels = {name: f for name, f in vars(module).items() if callable(getattr(f, "__wrapped__", None))
+               and getattr(getattr(f, "__code__", None), "co_filename", "").endswith("hub_kernels.py")}
+    try:
+        for name, f in kernels.items():
+            setattr(module, name, f.__wrapped__)
+        yield
+    finally:
+        for name, f in kernels.items():
+            setattr(module, name, f)
+
+
 def window_mask(sq: int, skv: int, window: tuple[int, int]) -> torch.Tensor:
     """megatron-core's sliding-window causal mask (True = masked), on the CPU."""
     allowed = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window[0]).tril(skv - sq + window[1])

@@ -96,6 +96,16 @@ class MambaSpec:
 
 
 @dataclass(frozen=True)
+class GDNSpec:
+    """Gated DeltaNet sizes (megatron-core's GatedDeltaNet; Qwen3-Next's linear attention)."""
+    conv_kernel: int
+    key_head_dim: int
+    value_head_dim: int
+    num_key_heads: int
+    num_value_heads: int
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     architecture: str
     family: str
@@ -126,6 +136,10 @@ class ModelSpec:
     # hybrid models (megatron-core's HybridModel): one symbol a layer, M Mamba-2, * attention, - MLP, E MoE
     layer_pattern: str | None = None
     mamba: MambaSpec | None = None
+    gdn: GDNSpec | None = None
+    hf_layer_span: int = 1  # Megatron layers per HF layer (Qwen3-Next: a mixer layer, then an MLP or MoE layer)
+    attention_output_gate: bool = False  # sigmoid gate on the attention output, from a doubled q_proj (Qwen3-Next)
+    zero_centered_norm: bool = False  # norms scale by 1 + weight (Qwen3-Next; --apply-layernorm-1p)
     warnings: tuple[str, ...] = ()
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -146,7 +160,8 @@ class ModelSpec:
         if self.mla is None:
             if self.num_query_groups != self.num_attention_heads:
                 a.update(group_query_attention=True, num_query_groups=self.num_query_groups)
-        a.update(normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon)
+        a.update(normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
+                 layernorm_zero_centered_gamma=self.zero_centered_norm, attention_output_gate=self.attention_output_gate)
         if self.activation == "clamped_swiglu":
             a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
         elif self.activation == "squared_relu":  # not gated: linear_fc1 is HF's up_proj
@@ -201,9 +216,16 @@ class ModelSpec:
         if self.mtp_layers:
             a["mtp_num_layers"] = self.mtp_layers
         if self.layer_pattern:
+            a["hybrid_layer_pattern"] = self.layer_pattern
+        if self.mamba is not None:
             m = self.mamba
-            a.update(hybrid_layer_pattern=self.layer_pattern, mamba_state_dim=m.state_dim, mamba_head_dim=m.head_dim,
-                     mamba_num_groups=m.num_groups, mamba_num_heads=m.num_heads)
+            a.update(mamba_state_dim=m.state_dim, mamba_head_dim=m.head_dim, mamba_num_groups=m.num_groups,
+                     mamba_num_heads=m.num_heads)
+        if self.gdn is not None:
+            g = self.gdn
+            a.update(linear_conv_kernel_dim=g.conv_kernel, linear_key_head_dim=g.key_head_dim,
+                     linear_value_head_dim=g.value_head_dim, linear_num_key_heads=g.num_key_heads,
+                     linear_num_value_heads=g.num_value_heads)
         # Pinned so the Megatron vocabulary is HF's at this TP (no 128*TP default padding).
         a.update(padded_vocab_size=self.padded_vocab_size(tp), make_vocab_size_divisible_by=1)
         a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -274,6 +296,9 @@ class ModelSpec:
             if self.mamba.num_heads % tp or self.mamba.num_groups % tp:
                 problems.append(f"mamba_num_heads={self.mamba.num_heads} and n_groups={self.mamba.num_groups} must "
                                 f"be divisible by tp={tp}")
+        if self.gdn is not None and (self.gdn.num_key_heads % tp or self.gdn.num_value_heads % tp):
+            problems.append(f"linear_num_key_heads={self.gdn.num_key_heads} and linear_num_value_heads="
+                            f"{self.gdn.num_value_heads} must be divisible by tp={tp}")
         if self.num_layers % pp:  # Megatron-LM's even split (the argument file sets no uneven first/last stage)
             problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp={pp}")
         if self.moe is None and ep > 1:

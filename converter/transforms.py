@@ -18,6 +18,7 @@ class Ctx:
     head_dim: int
     shape: tuple[int, ...]  # Megatron tensor shape (vocab rows may be padded)
     hf_rows: int = 0  # HF row count for vocab tensors
+    delta_heads: tuple[int, int, int, int] = (0, 0, 0, 0)  # Gated DeltaNet: key heads, key dim, value heads, value dim
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,49 @@ def _fused_qkv_split(w, c: Ctx):
     return [torch.cat(_qkv_split(w, c))]
 
 
+def _gated_qkv_merge(src, c: Ctx):
+    """HF's q_proj holds each head's query then its output gate: Megatron's linear_qkv is, per query group, the
+    group's queries, their gates, its key and its value."""
+    q, k, v = src
+    rest = q.shape[1:]
+    both = q.reshape(c.heads, 2, c.head_dim, *rest)
+    return _qkv_merge([torch.cat([both[:, 0].reshape(c.groups, -1, *rest), both[:, 1].reshape(c.groups, -1, *rest)],
+                                 dim=1).reshape(-1, *rest), k, v], _gated(c))
+
+
+def _gated_qkv_split(w, c: Ctx):
+    qg, k, v = _qkv_split(w, _gated(c))
+    rest = w.shape[1:]
+    per = c.heads // c.groups
+    g = qg.reshape(c.groups, 2, per, c.head_dim, *rest)  # per group: queries, then gates
+    return [torch.stack([g[:, 0], g[:, 1]], dim=2).reshape(-1, *rest), k, v]
+
+
+def _gated(c: Ctx) -> Ctx:
+    """The attention seen by _qkv_merge when each query head carries its gate: twice the heads per group."""
+    return Ctx(heads=2 * c.heads, groups=c.groups, head_dim=c.head_dim, shape=c.shape)
+
+
+def _delta_merge(src, c: Ctx):
+    """HF's Gated DeltaNet projections, per key head [q, k, v..., z...] and [b..., a...] -> Megatron's in_proj
+    [q; k; v; z; beta; alpha], each over all heads in order."""
+    qkvz, ba = src
+    nk, dk, nv, dv = c.delta_heads
+    rest = qkvz.shape[1:]
+    r = nv // nk
+    q, k, v, z = qkvz.reshape(nk, -1, *rest).split([dk, dk, r * dv, r * dv], dim=1)
+    b, a = ba.reshape(nk, 2 * r, *rest).split([r, r], dim=1)
+    return _cat([t.reshape(-1, *rest) for t in (q, k, v, z, b, a)])
+
+
+def _delta_split(w, c: Ctx):
+    nk, dk, nv, dv = c.delta_heads
+    rest = w.shape[1:]
+    q, k, v, z, b, a = w.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv])
+    per_head = lambda *ts: torch.cat([t.reshape(nk, -1, *rest) for t in ts], dim=1).reshape(-1, *rest)  # noqa: E731
+    return [per_head(q, k, v, z), per_head(b, a)]
+
+
 def _pad_rows(src, c: Ctx):
     t = src[0]
     if t.shape[0] == c.shape[0]:
@@ -91,6 +135,8 @@ def _halves_to_interleaved(w, c: Ctx):
 COPY = Transform("copy", lambda s, c: s[0], lambda w, c: [w])
 QKV = Transform("qkv", _qkv_merge, _qkv_split)
 FUSED_QKV = Transform("fused_qkv", _fused_qkv_merge, _fused_qkv_split)
+GATED_QKV = Transform("gated_qkv", _gated_qkv_merge, _gated_qkv_split)
+DELTA_IN_PROJ = Transform("delta_in_proj", _delta_merge, _delta_split)
 GATE_UP = Transform("gate_up", lambda s, c: _cat(s), lambda w, c: list(w.chunk(2)))
 VOCAB = Transform("vocab", _pad_rows, lambda w, c: [w[: c.hf_rows]])
 INTERLEAVED_GATE_UP = Transform("interleaved_gate_up", _interleaved_to_halves, _halves_to_interleaved)

@@ -11,7 +11,7 @@ from .derive import derive
 from .errors import ConversionError
 from .mcore_io import load_into
 from .model import build, mcore_logits, single_process
-from .runtime import ensure_distributed
+from .runtime import ensure_distributed, transformers_reference
 
 SAMPLE_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined a "
@@ -76,7 +76,7 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
     out = mcore_logits(model, ids)[..., : spec.vocab_size].cpu()
     del model
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt).float().to(device).eval()
-    with torch.no_grad():
+    with torch.no_grad(), transformers_reference(hf):
         ref = hf(ids.to(device)).logits.float().cpu()
     report = {"hf": str(hf_dir), "megatron": str(ckpt), "checkpoint_dtype": str(dt).removeprefix("torch."),
               **compare(out, ref), "tolerance": tol, "megatron_lm_gaps": layout.gap_lines(spec, settings)}

@@ -11,8 +11,8 @@ FAMILY = Family(
     name="nemotron_h",
     # the modeling code fixes: MLPs and experts are not gated, no rotary embedding, sigmoid routing in groups with
     # the score-correction bias
-    architectures={"NemotronHForCausalLM": {"mlp": "plain", "position_embedding": "none", "scoring_func": "sigmoid",
-                                            "topk_method": "noaux_tc"}},
+    architectures={"NemotronHForCausalLM": {"hybrid": "nemotron_h", "mlp": "plain", "position_embedding": "none",
+                                            "scoring_func": "sigmoid", "topk_method": "noaux_tc"}},
     rules=(
         rule("embedding.word_embeddings.weight", "backbone.embeddings.weight"),
         rule("output_layer.weight", "lm_head.weight"),

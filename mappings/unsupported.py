@@ -7,7 +7,4 @@ FAMILIES = (
            refuse="attn_logit_softcapping / final_logit_softcapping (no logit soft-capping in megatron-core), "
                   "post_attention / post_feedforward norms around each block (not in the megatron-core layer) and "
                   "the sqrt(hidden_size) embedding scale"),
-    Family("qwen3_next", {"Qwen3NextForCausalLM": {}},
-           refuse="gated-DeltaNet linear-attention layers (full_attention_interval) and gated attention: "
-                  "megatron-core's HybridModel has GatedDeltaNet layers, which hf2mcore does not map yet"),
 )

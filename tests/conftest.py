@@ -35,6 +35,9 @@ FAMILY_CONFIGS = [
     "nvidia/Nemotron-H-56B-Base-8K",  # hybrid (HybridModel): Mamba-2, squared-ReLU MLP and attention without rope
     # Nemotron 3-style hybrid MoE: Mamba-2, sigmoid-routed non-gated experts in groups, shared expert, attention
     "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3",
+    # hybrid: Gated DeltaNet and gated attention (q/k norms, partial rotary), each then MoE (shared expert with its
+    # sigmoid gate) or MLP, norms centred on 0
+    "Qwen/Qwen3-Next-80B-A3B-Thinking",
 ]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -17,7 +17,8 @@ The jobs share one process (Megatron-LM's imports are most of a run's cost); eac
 (Megatron-LM's `unset_global_variables`, the parallel state, the --spec module). Megatron-LM runs without ModelOpt
 installed (its plain GPT path; the import costs seconds). Only CPU stand-ins are added (REFERENCE.md §8), none of
 which changes the model; for Mamba layers, hf2mcore's (converter.runtime: mamba_ssm's Triton kernels, interpreted,
-and the unfused Mamba path, `--disable-mamba-mem-eff-path`, since the fused one needs causal_conv1d's CUDA kernels).
+the unfused Mamba path, `--disable-mamba-mem-eff-path`, since the fused one needs causal_conv1d's CUDA kernels, and
+`--deterministic-mode`, which runs Gated DeltaNet's conv1d and delta rule in PyTorch instead of fla's Triton kernels).
 """
 from __future__ import annotations
 
@@ -119,7 +120,9 @@ def run(job: dict, argv: list[str]) -> dict:
                 "--tokenizer-type", "NullTokenizer", "--vocab-size", "8", "--no-gradient-accumulation-fusion",
                 "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
                 "--no-bias-dropout-fusion", "--no-rope-fusion", "--attention-dropout", "0", "--hidden-dropout", "0",
-                *(["--disable-mamba-mem-eff-path"] if "--hybrid-layer-pattern" in argv else []),
+                # hybrid: the unfused Mamba path, and Gated DeltaNet's PyTorch conv1d and delta rule (as hf2mcore's
+                # RUNTIME): the fused and fla paths need CUDA kernels
+                *(["--disable-mamba-mem-eff-path", "--deterministic-mode"] if "--hybrid-layer-pattern" in argv else []),
                 *job.get("extra", [])]
     with _cpu_factories():  # --use-checkpoint-args reads the tracker as load_checkpoint does
         args = parse_and_validate_args()

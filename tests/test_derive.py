@@ -131,7 +131,6 @@ def test_family_traits():
 
 @pytest.mark.parametrize("name,feature", [
     ("google/gemma-2-2b", "softcapping"),
-    ("Qwen/Qwen3-Next-80B-A3B-Thinking", "linear-attention"),
 ])
 def test_refusals_name_the_feature(name, feature):
     with pytest.raises(ConversionError, match=feature):
@@ -153,6 +152,20 @@ def test_nemotron_h_traits():
     spec.check_parallel(tp=8, pp=2)  # Megatron-LM splits a pattern without '|' marks evenly
     with pytest.raises(ConversionError, match="mamba_num_heads"):
         spec.check_parallel(tp=16 * 3)
+
+
+def test_qwen3_next_traits():
+    """Qwen3-Next-80B-A3B: each HF layer is a Gated DeltaNet (or, every 4th, gated attention) layer and then a MoE
+    layer; norms centred on 0; the release's MTP module is said to be left out."""
+    spec = derive(CONFIGS / "Qwen/Qwen3-Next-80B-A3B-Thinking")
+    assert spec.layer_pattern == "GEGEGE*E" * 12 and spec.num_layers == 96 and spec.hf_layer_span == 2
+    assert (spec.gdn.num_key_heads, spec.gdn.num_value_heads, spec.gdn.key_head_dim) == (16, 32, 128)
+    assert spec.moe.shared_expert_gate and spec.moe.num_experts == 512 and spec.rope.percent == 0.25
+    flags = " ".join(megatron_fields.flags(spec.megatron_namespace()))
+    for f in ("--apply-layernorm-1p", "--attention-output-gate", "--qk-layernorm", "--linear-num-value-heads 32",
+              "--moe-shared-expert-gate", "--rotary-percent 0.25", "--spec hf2mcore_spec hybrid_stack_spec"):
+        assert f in flags, f
+    assert any("mtp" in w for w in spec.warnings)
 
 
 def test_nemotron_3_moe_hybrid():

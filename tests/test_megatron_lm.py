@@ -77,8 +77,10 @@ def ids_for(vocab, n=LONG):
 def hf_logits(hf_dir, ids):
     from transformers import AutoModelForCausalLM
 
+    from converter.runtime import transformers_reference
+
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
+    with torch.no_grad(), transformers_reference(model):
         return model(ids).logits.float()
 
 
@@ -221,7 +223,8 @@ def test_mtp_layers_in_megatron_lm(name, mtp_models, verdicts, tmp_path):
 
 
 @pytest.mark.parametrize("name,par", [("Qwen/Qwen3-8B", {"tp": 2}), ("mistralai/Mixtral-8x7B-v0.1", {"ep": 2}),
-                                      ("transformers:nemotron_h:NemotronHForCausalLM#nemotron-3", {"tp": 2, "ep": 2, "etp": 1})])
+                                      ("transformers:nemotron_h:NemotronHForCausalLM#nemotron-3", {"tp": 2, "ep": 2, "etp": 1}),
+                                      ("Qwen/Qwen3-Next-80B-A3B-Thinking", {"tp": 2})])
 def test_megatron_lm_parallel(name, par, tiny_models, megatron_lm, tmp_path):
     """Two ranks (gloo): the written --tensor/--expert-model-parallel-size load and match."""
     hf = tiny_models(name)

@@ -25,6 +25,7 @@ LAYOUTS = [
     ("meta-llama/Llama-4-Scout-17B-16E-Instruct:text", 1, 2, 1),  # PP: per-layer q/k norms follow global layers
     ("nvidia/Nemotron-H-56B-Base-8K", 2, 1, 1),  # TP over Mamba's in_proj parts, conv1d parts and grouped norm
     ("transformers:nemotron_h:NemotronHForCausalLM#nemotron-3", 1, 2, 1),  # PP: the hybrid pattern split evenly
+    ("Qwen/Qwen3-Next-80B-A3B-Thinking", 2, 1, 1),  # TP over Gated DeltaNet's in_proj and conv1d parts, gated qkv
 ]
 
 
@@ -34,8 +35,11 @@ def _hf_logits(hf_dir):
     from converter import derive
 
     ids = token_ids(hf_dir, SAMPLE_TEXT, derive(hf_dir).vocab_size)
-    with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits
+    from converter.runtime import transformers_reference
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad(), transformers_reference(model):
+        return model(ids).logits
 
 
 def _torchrun(mode, hf, ckpt, tp, pp, ep, out):

@@ -25,6 +25,7 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
                  "original_max_position_embeddings": 64}},
              "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3": {"n_group": 2, "topk_group": 1,
                                                                          "routed_scaling_factor": 2.5},
+             "Qwen/Qwen3-Next-80B-A3B-Thinking": {"mlp_only_layers": [1]},  # a dense MLP layer too
              # two layers: one NoPE, one dense
              "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
                                                                 "interleave_moe_layer_step": 2}}
@@ -67,6 +68,9 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
             c[k] = experts
     if c.get("layer_types"):
         c["layer_types"] = c["layer_types"][: c["num_hidden_layers"]]
+    if c.get("linear_num_key_heads"):  # Gated DeltaNet (Qwen3-Next): 2 key heads of 4 value heads each pair
+        c.update(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 num_hidden_layers=max(layers, 4))  # three DeltaNet layers, then gated attention
     if c.get("mamba_num_heads"):  # hybrid: one layer of each kind, in the order the real model first has them
         for key in ("hybrid_override_pattern", "layers_block_type"):
             if c.get(key):
@@ -100,7 +104,8 @@ def shrink(cfg: dict, layers: int = 2, experts: int = 4) -> dict:
 
 
 def make_model(cfg: dict, out: Path, dtype=torch.float32, seed: int = 0) -> Path:
-    """Instantiate with random weights (norms and biases perturbed too, so a swapped tensor shows) and save."""
+    """Instantiate with random weights (norms and biases perturbed too, so a swapped tensor shows) and save. Norm
+    weights move around their initial value: 1, or 0 where the norm scales by 1 + weight (Qwen3-Next)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -110,7 +115,7 @@ def make_model(cfg: dict, out: Path, dtype=torch.float32, seed: int = 0) -> Path
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                p.add_(0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
         for name, b in model.named_buffers():
