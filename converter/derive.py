@@ -35,7 +35,8 @@ DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}
 PLAIN_ACTIVATIONS = {"relu2": "squared_relu"}  # MLPs without a gate (the family says: "mlp": "plain")
 # Hybrid layer kinds: transformers' layers_block_type names (4.x and 5.x) -> megatron-core's pattern symbols
-HYBRID_SYMBOLS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
+HYBRID_SYMBOLS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-",
+                  "moe": "E"}
 # Sizes beyond these are not a model but a broken or hostile config: refused before anything is built from them
 # (the largest public models stay far below: 126 layers, hidden 16384, 256k vocabulary, 384 experts).
 BOUNDS = {"num_layers": 4096, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 20, "num_attention_heads": 4096,

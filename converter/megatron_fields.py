@@ -327,13 +327,14 @@ def saved_args(ns: dict) -> argparse.Namespace:
 # The destinations that decide which tensors a model has and their shapes: a checkpoint and an HF config describe
 # the same weights only where these agree.
 SHAPES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "group_query_attention",
-          "num_query_groups", "normalization", "swiglu", "quick_geglu", "squared_relu", "add_bias_linear", "add_qkv_bias",
-          "qk_layernorm", "untie_embeddings_and_output_weights", "softmax_type", "multi_latent_attention",
-          "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
-          "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-          "moe_router_enable_expert_bias", "mtp_num_layers", "hybrid_layer_pattern", "mamba_state_dim",
-          "mamba_head_dim", "mamba_num_groups", "mamba_num_heads", "attention_output_gate", "linear_conv_kernel_dim",
-          "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
+          "num_query_groups", "normalization", "swiglu", "quick_geglu", "squared_relu", "add_bias_linear",
+          "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights", "softmax_type",
+          "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+          "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+          "moe_shared_expert_gate", "moe_router_enable_expert_bias", "mtp_num_layers", "hybrid_layer_pattern",
+          "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads", "attention_output_gate",
+          "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+          "linear_num_value_heads")
 
 
 def shape_differences(a: dict, b: dict) -> list[str]:

@@ -120,8 +120,9 @@ def hybrid_spec():
                                  sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})
     delta = ModuleSpec(module=GatedDeltaNet, submodules=GatedDeltaNetSubmodules(
         in_proj=ColumnParallelLinear, out_norm=PlainRMSNorm, out_proj=RowParallelLinear))
-    gdn = TransformerLayerSubmodules(input_layernorm=Norm, self_attention=delta, self_attn_bda=dense.self_attn_bda,
-                                     sharded_state_dict_keys_map={"input_layernorm.": "self_attention.in_proj.layer_norm_"})
+    gdn = TransformerLayerSubmodules(
+        input_layernorm=Norm, self_attention=delta, self_attn_bda=dense.self_attn_bda,
+        sharded_state_dict_keys_map={"input_layernorm.": "self_attention.in_proj.layer_norm_"})
     attention = TransformerLayerSubmodules(
         input_layernorm=Norm, self_attention=self_attention, self_attn_bda=dense.self_attn_bda,
         sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})

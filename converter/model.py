@@ -157,11 +157,13 @@ def _build_hybrid(ns, config, device, pre_process, post_process, vp_stage):
     mixer_log = logging.getLogger("megatron.core.ssm.mamba_mixer")  # warns once a layer about RUNTIME's unfused path
     level = mixer_log.level
     mixer_log.setLevel(logging.ERROR)
-    with torch.device("cpu" if device == "cpu" else device), cpu_patches():
-        model = HybridModel(config=config, hybrid_stack_spec=megatron_hooks.hybrid_spec(),
-                            pre_process=pre_process, post_process=post_process, parallel_output=False,
-                            vp_stage=vp_stage, **megatron_fields.hybrid_model_kwargs(ns))
-    mixer_log.setLevel(level)
+    try:
+        with torch.device("cpu" if device == "cpu" else device), cpu_patches():
+            model = HybridModel(config=config, hybrid_stack_spec=megatron_hooks.hybrid_spec(),
+                                pre_process=pre_process, post_process=post_process, parallel_output=False,
+                                vp_stage=vp_stage, **megatron_fields.hybrid_model_kwargs(ns))
+    finally:
+        mixer_log.setLevel(level)
     return model if device == "cpu" else model.to(device)
 
 

@@ -161,7 +161,8 @@ class ModelSpec:
             if self.num_query_groups != self.num_attention_heads:
                 a.update(group_query_attention=True, num_query_groups=self.num_query_groups)
         a.update(normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
-                 layernorm_zero_centered_gamma=self.zero_centered_norm, attention_output_gate=self.attention_output_gate)
+                 layernorm_zero_centered_gamma=self.zero_centered_norm,
+                 attention_output_gate=self.attention_output_gate)
         if self.activation == "clamped_swiglu":
             a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
         elif self.activation == "squared_relu":  # not gated: linear_fc1 is HF's up_proj
@@ -313,8 +314,8 @@ class ModelSpec:
 
     def build_model(self, device: str = "meta", dtype: torch.dtype = torch.float32, *, exact: bool = True,
                     **kw):
-        """The megatron-core GPTModel (HybridModel) that Megatron-LM builds from this model's flags (model.build); `exact`
-        (for models built in this process, e.g. the live API): with the hook's fixes for what no flag says."""
+        """The megatron-core GPTModel (HybridModel) that Megatron-LM builds from this model's flags (model.build);
+        `exact` (for models built in this process, e.g. the live API): with the hook's fixes for what no flag says."""
         from megatron.core import parallel_state as ps
 
         from .model import build, parallel_sizes
