@@ -224,8 +224,9 @@ class _Deriver:
         if quant:
             self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
                                  f"{quant.get('quant_method')!r}); convert reads them dequantized")
-        hybrid = self.implied.get("hybrid")
-        pattern = {"nemotron_h": self._layer_pattern, "qwen3_next": self._qwen3_next_pattern}.get(hybrid, str)() or None
+        hybrid = self.implied.get("hybrid")  # which layout the family's layer pattern is read from
+        pattern = (self._qwen3_next_pattern() if hybrid == "qwen3_next" else self._layer_pattern() if hybrid
+                   else None)
         num_layers = len(pattern) if pattern else g("num_layers", required=True)
         fields: dict[str, Any] = dict(
             architecture=self.arch, family=self.fam.name, num_layers=num_layers, hidden_size=hidden,
@@ -241,7 +242,6 @@ class _Deriver:
             **({} if hybrid else self._window()), nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(),
             layer_pattern=pattern, mamba=self._mamba() if pattern and "M" in pattern else None,
             gdn=self._gdn() if pattern and "G" in pattern else None,
-            hf_layer_span=2 if hybrid == "qwen3_next" else 1,
         )
         fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)

@@ -8,6 +8,7 @@ packed tensor; that matrix is read whole.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -65,8 +66,6 @@ def _joined(views: list) -> list:
     """A parameter megatron-core saves as several tensors (Mamba's in_proj as `.z .x .B .C .dt`, its conv1d as
     `.x .B .C`, each split by TP on its own) as pieces of the one parameter: its parts laid end to end along their
     first axis, in the order megatron-core splits them."""
-    import dataclasses
-
     keys = list(dict.fromkeys(sh.key for sh in views))
     base = keys[0].rpartition(".")[0]
     if len(keys) == 1 or any(k.rpartition(".")[0] != base for k in keys):

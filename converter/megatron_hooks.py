@@ -19,10 +19,10 @@ The rest are fixes for what Megatron-LM's flags cannot express; convert writes t
 - "qk_l2_norm_layers": 1/0 per layer: the weightless q/k L2 norm only on the layers that rotate (Llama 4).
 - "mla_config": MLATransformerConfig fields no flag reaches (yarn beta_fast, beta_slow, original context).
 
-Hybrid models (Mamba-2, attention, MLP and MoE layers: pretrain_hybrid.py; setting "hybrid") take `--spec
-hf2mcore_spec hybrid_stack_spec`: megatron-core 0.19's own hybrid specs are made of Transformer Engine modules, and its HybridStack
-builds a TENorm; this one is megatron-core's local modules, with the same checkpoint keys as the TE spec (each
-layer's input norm saved under the name of the TE linear it is fused into there).
+Hybrid models (Mamba-2, Gated DeltaNet, attention, MLP and MoE layers: pretrain_hybrid.py; setting "hybrid") take
+`--spec hf2mcore_spec hybrid_stack_spec`: megatron-core 0.19's own hybrid specs are made of Transformer Engine
+modules, and its HybridStack builds a TENorm; this one is megatron-core's local modules, with the same checkpoint keys
+as the TE spec (each layer's input norm saved under the name of the TE linear it is fused into there).
 """
 from __future__ import annotations
 

@@ -119,19 +119,15 @@ def build(ns: dict, settings: dict | None, device: str = "meta", *, pre_process:
 
     from .runtime import cpu_patches
 
-    if ns.get("hybrid_layer_pattern"):
-        from .runtime import mamba_kernels
-
-        mamba_kernels()
     config = transformer_config(ns, **config_overrides)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    # the hook's patches are process-wide (llama3 rope, the MLA MTP spec): this process builds other models too
-    scaling, mtp = RotaryEmbedding._apply_scaling, gpt_layer_specs.get_gpt_mtp_block_spec
     if ns.get("hybrid_layer_pattern"):
         return _build_hybrid(ns, config, device, pre_process, post_process, vp_stage)
+    # the hook's patches are process-wide (llama3 rope, the MLA MTP spec): this process builds other models too
+    scaling, mtp = RotaryEmbedding._apply_scaling, gpt_layer_specs.get_gpt_mtp_block_spec
     try:
         spec, factor = layer_spec(ns, settings, config, vp_stage)
         kwargs = {**megatron_fields.gpt_model_kwargs(ns), "rope_scaling_factor": factor}
@@ -151,8 +147,10 @@ def _build_hybrid(ns, config, device, pre_process, post_process, vp_stage):
     """HybridModel as Megatron-LM's hybrid_builder makes it, with the hook's local stack spec."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
+    from .runtime import cpu_patches, mamba_kernels
+
+    mamba_kernels()  # before the hook's spec imports megatron-core's Mamba layer
     from . import megatron_hooks
-    from .runtime import cpu_patches
 
     mixer_log = logging.getLogger("megatron.core.ssm.mamba_mixer")  # warns once a layer about RUNTIME's unfused path
     level = mixer_log.level
@@ -188,7 +186,7 @@ def mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:
     from .runtime import causal_mask, check_cpu_kernels, cpu_patches
 
     device = next(model.parameters()).device
-    if device.type == "cpu" and any(type(m).__name__ == "MambaMixer" for m in model.modules()):
+    if device.type == "cpu" and any(type(m).__name__ in ("MambaMixer", "GatedDeltaNet") for m in model.modules()):
         check_cpu_kernels()
     with torch.no_grad(), cpu_patches():
         return model(ids.to(device), torch.arange(s, device=device)[None], causal_mask(s, device)).float()

@@ -112,11 +112,12 @@ def _first_config(self, kwargs):
 
 
 def check_cpu_kernels() -> None:
-    """Before a Mamba layer runs on the CPU: Triton's interpreter must be on (imports.interpret_triton_without_gpu)."""
+    """Before a Mamba or Gated DeltaNet layer (Triton kernels: mamba_ssm's, fla's l2norm) runs on the CPU: Triton's
+    interpreter must be on (imports.interpret_triton_without_gpu)."""
     import triton.language as tl
 
     if type(tl.cumsum).__name__ != "InterpretedFunction":
-        raise ConversionError("Mamba layers on the CPU run Triton's interpreter: set TRITON_INTERPRET=1 in the "
+        raise ConversionError("Mamba and Gated DeltaNet layers on the CPU run Triton's interpreter: set TRITON_INTERPRET=1 in the "
                               "environment, or import converter before torch (it sets it on machines without a GPU)")
 
 

@@ -77,8 +77,8 @@ def _gated_qkv_merge(src, c: Ctx):
     q, k, v = src
     rest = q.shape[1:]
     both = q.reshape(c.heads, 2, c.head_dim, *rest)
-    return _qkv_merge([torch.cat([both[:, 0].reshape(c.groups, -1, *rest), both[:, 1].reshape(c.groups, -1, *rest)],
-                                 dim=1).reshape(-1, *rest), k, v], _gated(c))
+    return _qkv_merge([_cat([both[:, 0].reshape(c.groups, -1, *rest), both[:, 1].reshape(c.groups, -1, *rest)],
+                            dim=1).reshape(-1, *rest), k, v], _gated(c))
 
 
 def _gated_qkv_split(w, c: Ctx):
@@ -110,7 +110,7 @@ def _delta_split(w, c: Ctx):
     nk, dk, nv, dv = c.delta_heads
     rest = w.shape[1:]
     q, k, v, z, b, a = w.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv])
-    per_head = lambda *ts: torch.cat([t.reshape(nk, -1, *rest) for t in ts], dim=1).reshape(-1, *rest)  # noqa: E731
+    per_head = lambda *ts: _cat([t.reshape(nk, -1, *rest) for t in ts], dim=1).reshape(-1, *rest)  # noqa: E731
     return [per_head(q, k, v, z), per_head(b, a)]
 
 

@@ -9,7 +9,7 @@ H, A, M = "model.layers.{i}.", "model.layers.{i}.linear_attn.", "model.layers.{i
 S = L + "self_attention."
 FAMILY = Family(
     name="qwen3_next",
-    architectures={"Qwen3NextForCausalLM": {"hybrid": "qwen3_next", "qk_layernorm": True,
+    architectures={"Qwen3NextForCausalLM": {"hybrid": "qwen3_next", "hf_layer_span": 2, "qk_layernorm": True,
                                             "attention_output_gate": True, "zero_centered_norm": True,
                                             "shared_expert_gate": True}},
     # releases carry a multi-token-prediction module that transformers does not load either (derive warns)
