@@ -1,7 +1,12 @@
-"""Wall time, CPU time and peak RSS of the I/O floor (read every input byte, write as many, synced), of
-`hf2mcore convert` (1 and 2 processes) and of the peers (ModelOpt's importer, Megatron-Bridge), each in a fresh
-process, median of --repeat runs taken round robin. Prints a markdown table row per tool, or the exact error of one
-that cannot run; the first tool (the floor) must be among those run."""
+"""Wall time, CPU time and peak RSS of the copy floors (every input byte read and written, synced), of
+`hf2mcore convert` (1 and N processes) and of the peers, each in a fresh process, --repeat rounds that run every
+tool in turn. Prints a markdown table row per tool (or the exact error of one that cannot run) with medians and the
+median of its per-round ratios to the first tool run (the floor), then each tool's per-round ratio to the first
+hf2mcore row.
+
+The peers: ms-swift's mcore-bridge and verl's mbridge, each in its own virtual environment
+(benchmarks/peers/setup.sh, which says what stand-ins they need here), ModelOpt's importer, and Megatron-Bridge
+(not installable beside megatron-core 0.19: its row says why)."""
 import argparse
 import resource
 import shutil
@@ -50,11 +55,13 @@ def main():
     work = Path(a.work)
     convert = [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"), "--no-progress",
                "--dtype", "bf16"]
+    peers = Path(__file__).with_name("peers")
+    venvs = Path(__file__).resolve().parent.parent / ".peers"
     tools = {
-        "I/O floor (copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
         # coreutils cat copies inside the kernel (copy_file_range): no user-space buffer at all
         "kernel copy floor (cat + sync)": ["sh", "-c", 'mkdir -p "$2" && cat "$1"/*.safetensors > "$2/all" && sync',
                                            "_", a.hf_dir, str(work / "cat")],
+        "I/O floor (Python copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
         **({f"hf2mcore convert at {a.baseline} (1 process)": [
@@ -62,6 +69,10 @@ def main():
            if a.baseline else {}),
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
+        "ms-swift mcore-bridge 1.6.5 load_weights + megatron-core save": [
+            str(venvs / "mcore-bridge/bin/python"), str(peers / "mcore_bridge_import.py"), a.hf_dir, str(work / "peer")],
+        "verl mbridge 0.15.1 load_weights + megatron-core save": [
+            str(venvs / "mbridge/bin/python"), str(peers / "mbridge_import.py"), a.hf_dir, str(work / "peer")],
         "Megatron-Bridge AutoBridge.import_ckpt": [
             sys.executable, str(Path(__file__).with_name("peer_bridge.py")), a.hf_dir, str(work / "peer")],
     }
@@ -99,12 +110,15 @@ def main():
         paired = statistics.median(r[0] / f[0] for r, f in zip(rs, floor))
         print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {paired:.2f}x | "
               + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
-    if a.baseline:
-        this = next(k for k in tools if k.startswith("hf2mcore convert ("))
-        base = next(k for k in tools if k.startswith("hf2mcore convert at"))
-        if this not in errors and base not in errors:
-            ratio = statistics.median(x[0] / y[0] for x, y in zip(runs[this], runs[base]))
-            print(f"\npaired ratio {this} / baseline: {ratio:.3f} (median of {len(runs[base])} rounds)")
+    this = next((k for k in tools if k.startswith("hf2mcore convert (") and k not in errors), None)
+    if this is not None:
+        print(f"\n| tool | paired ratio of wall times to {this} (median over rounds) | peak RSS ratio |")
+        print("|---|---|---|")
+        for name, rs in runs.items():
+            if name != this and name not in errors:
+                ratio = statistics.median(x[0] / y[0] for x, y in zip(rs, runs[this]))
+                rss = max(r[2] for r in rs) / max(r[2] for r in runs[this])
+                print(f"| {name} | {ratio:.3f} | {rss:.2f} |")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .derive import derive
 from .atomic import atomic_dir_all_ranks, refuse_existing
+from .byte_copy import DirectWrites, byte_runs, finite
 from .errors import ConversionError
 from .dequant import open_source
 from .hf_io import HFCheckpoint
@@ -77,19 +78,26 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
                    enabled=progress and rank == 0)
     done: set[str] = set()
+    direct = DirectWrites()
 
     def make(name: str) -> torch.Tensor:
         job = plan.jobs[name]
         if name in done:
             raise ConversionError(f"internal: {name} was requested twice")
-        if readable_by_rows(job, hf):  # read straight into place
+        runs = byte_runs(job, hf, dt)
+        if runs is not None:  # the stored bytes as they are: copied file to file when written
+            for s in job.sources if not allow_nonfinite else ():
+                if not finite(hf.byte_range(s), dt):
+                    _check_finite(job, hf.get(s))  # says how many
+            out = direct.placeholder(job.ctx.shape, dt, runs)
+        elif readable_by_rows(job, hf):  # read straight into place
             out = torch.empty(job.ctx.shape, dtype=dt)
             read_rows(hf, job, row_sources(job, hf), 0, out)
         else:
             out = job.to_mcore([hf.get(s).to(dt) for s in job.sources])
         if tuple(out.shape) != job.ctx.shape:
             raise ConversionError(f"{name}: made shape {tuple(out.shape)}, the model needs {job.ctx.shape}")
-        if not allow_nonfinite:
+        if not allow_nonfinite and runs is None:
             _check_finite(job, out)
         done.add(name)
         bar.update(sum(_nbytes(hf, s) for s in job.sources), name)
@@ -98,7 +106,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
     with atomic_dir_all_ranks(out_dir, overwrite, need, (hf_dir,)) as tmp:
         t0 = time.time()
-        mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns))
+        mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns), direct)
         bar.close()
         left = [n for n in mine if n not in done]
         everyone = [None] * world

@@ -120,6 +120,14 @@ class HFCheckpoint:
         else:
             out.copy_(self.get_slice(name, (slice(start, start + out.shape[0]),)))
 
+    def byte_range(self, name: str) -> tuple[int, int, int] | None:
+        """(open file descriptor, offset, length) of tensor `name`'s bytes as stored; None when this reader rebuilds
+        the tensor (dequantizes it) rather than reading it as stored."""
+        if not self._stored_as_is(name):
+            return None
+        dtype, shape, offset = self._info(name)
+        return self._fds[self.file_of[name]], offset, dtype.itemsize * math.prod(shape)
+
     def _stored_as_is(self, name: str) -> bool:
         """Whether `name` is read as stored; readers that dequantize say which tensors they rebuild."""
         return True

@@ -54,9 +54,10 @@ def _strategy_class():
         """megatron-core's torch_dist strategy with DCP's synchronous writer and a lazy planner (`resolve` makes
         the meta tensors; None when every tensor is real)."""
 
-        def __init__(self, resolve: Callable | None):
+        def __init__(self, resolve: Callable | None, direct=None):
             super().__init__(thread_count=1)
             self._resolve = resolve
+            self._direct = direct  # byte_copy.DirectWrites: placeholders whose bytes are copied file to file
 
         def save(self, sharded_state_dict, checkpoint_dir):
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
@@ -81,11 +82,12 @@ def _strategy_class():
                     valid = default_planner._validate_global_plan([], Metadata(state_dict_metadata={}))
                     stack.enter_context(mock.patch.object(default_planner, "_validate_global_plan",
                                                           lambda plan, md: valid))
+                writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, single_file_per_rank=True,
+                                          sync_files=True, **ahead)
+                if self._direct is not None:
+                    writer.fs = self._direct.file_system(writer.fs)
                 try:
-                    dcp_save(pyt_sd, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1,
-                                                                     single_file_per_rank=True, sync_files=True,
-                                                                     **ahead),
-                             planner=planner)
+                    dcp_save(pyt_sd, storage_writer=writer, planner=planner)
                 finally:
                     torch.serialization.set_crc32_options(crc)
 
@@ -101,11 +103,12 @@ class _ViewResolver:
     storage of its own there (`_own_storage`). `make` never runs in two threads at once.
     """
 
-    def __init__(self, model, make: Callable[[str], torch.Tensor], sharded_state_dict):
+    def __init__(self, model, make: Callable[[str], torch.Tensor], sharded_state_dict, direct=None):
         from megatron.core.dist_checkpointing.mapping import is_main_replica
 
         self.names = _names_by_storage(model)
         self.make = make
+        self.direct = direct
         # only the views this rank writes (its main replicas), so a parameter is freed after its last one
         self.views = {n: mine for n, v in views_by_param(self.names, sharded_state_dict).items()
                       if (mine := [sh.data for sh in v if is_main_replica(sh.replica_id)])}
@@ -154,7 +157,10 @@ class _ViewResolver:
 
     def _make(self, name: str) -> dict[tuple, torch.Tensor]:
         real = self.bases[name] = self.make(name).contiguous()
-        return {_view_key(v): _own_storage(real, v) for v in self.views.get(name, ())}
+        pieces = {_view_key(v): _own_storage(real, v) for v in self.views.get(name, ())}
+        if self.direct is not None:
+            self.direct.expect(real, pieces.values())
+        return pieces
 
     def _give_back(self) -> None:
         """Release the memory of the parameters whose views are all written.
@@ -260,8 +266,10 @@ def sharded_views(model) -> dict[str, list]:
     return views_by_param(_names_by_storage(model), sharded)
 
 
-def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict) -> list[str]:
-    """Write `model`'s torch_dist checkpoint into ckpt_dir; `make(name)` returns parameter `name`'s data.
+def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, common: dict,
+                   direct=None) -> list[str]:
+    """Write `model`'s torch_dist checkpoint into ckpt_dir; `make(name)` returns parameter `name`'s data, or a
+    placeholder of `direct` (byte_copy.DirectWrites) whose bytes are copied from the source files.
 
     Several processes (torchrun, all with the same model at TP=PP=1) share the work: megatron-core's
     fully-parallel save distribution gives each rank its share of the tensors, and each rank makes, reads
@@ -275,10 +283,10 @@ def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, c
 
     sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
     apply_factories(sharded)  # so the resolver counts the views the writer will ask for
-    strategy = _strategy_class()(None)
+    strategy = _strategy_class()(None, direct)
     if dist.get_world_size() > 1:
         FullyParallelSaveStrategyWrapper(strategy).apply_saving_parallelization(sharded)
-    strategy._resolve = resolver = _ViewResolver(model, make, sharded)
+    strategy._resolve = resolver = _ViewResolver(model, make, sharded, direct)
     sharded.update(common)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -292,6 +300,8 @@ def save_streaming(model, make: Callable[[str], torch.Tensor], ckpt_dir: Path, c
         raise reason.with_traceback(None) from exc
     finally:
         resolver.close()
+    if direct is not None:
+        direct.check()
     return list(resolver.views)
 
 

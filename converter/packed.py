@@ -41,6 +41,15 @@ class PackedExperts:
     def dtype(self, name: str) -> torch.dtype:
         return self.hf.dtype(self._split(name)[0])
 
+    def byte_range(self, name: str) -> tuple[int, int, int] | None:
+        base, e = self._split(name)
+        whole = self.hf.byte_range(base)
+        if whole is None or e is None:
+            return whole
+        fd, offset, nbytes = whole
+        per = nbytes // self.hf.shape(base)[0]
+        return fd, offset + e * per, per
+
     def get(self, name: str) -> torch.Tensor:
         base, e = self._split(name)
         return self.hf.get(base) if e is None else self.hf.get_slice(base, (slice(e, e + 1),))[0]

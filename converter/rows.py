@@ -25,20 +25,28 @@ def row_sources(job: Job, hf) -> torch.Tensor:
     return job.to_mcore(rows)
 
 
+def row_runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Encoded rows (row_sources) as runs (source index, first HF row or -1 for padding, row count) of consecutive
+    rows of one source."""
+    src, row = rows >> _SOURCE_BITS, (rows & ((1 << _SOURCE_BITS) - 1)) - 1
+    pad = row < 0
+    joined = (src[1:] == src[:-1]) & ((row[1:] == row[:-1] + 1) | (pad[1:] & pad[:-1]))
+    bounds = [0, *((~joined).nonzero().flatten() + 1).tolist(), len(rows)]
+    return [(int(src[a]), int(row[a]), b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def read_rows(hf, job: Job, rows: torch.Tensor, start: int, out: torch.Tensor,
               cols: tuple[slice, ...] = ()) -> None:
     """Megatron rows [start, start + len(out)) into `out`; `cols` selects columns of them (all when empty)."""
     want = rows[start: start + out.shape[0]]
     if len(want) != out.shape[0]:
         raise ConversionError(f"internal: {job.mcore} has {len(rows)} rows, asked for {start}:{start + out.shape[0]}")
-    src, row = want >> _SOURCE_BITS, (want & ((1 << _SOURCE_BITS) - 1)) - 1
-    breaks = ((src[1:] != src[:-1]) | (row[1:] != row[:-1] + 1)).nonzero().flatten() + 1
-    bounds = [0, *breaks.tolist(), len(want)]
-    for a, b in zip(bounds, bounds[1:]):
-        r = int(row[a])
+    a = 0
+    for src, r, n in row_runs(want):
         if r < 0:  # vocabulary padding
-            out[a:b].zero_()
+            out[a:a + n].zero_()
         elif cols:
-            out[a:b].copy_(hf.get_slice(job.sources[int(src[a])], (slice(r, r + b - a), *cols)))
+            out[a:a + n].copy_(hf.get_slice(job.sources[src], (slice(r, r + n), *cols)))
         else:
-            hf.read_rows_into(job.sources[int(src[a])], r, out[a:b])
+            hf.read_rows_into(job.sources[src], r, out[a:a + n])
+        a += n

@@ -1,0 +1,224 @@
+"""Megatron tensors whose bytes are runs of the source files' bytes, copied file to file inside the kernel.
+
+At the stored dtype, a tensor that rows.py reads by rows (a copy, the q/k/v interleave, gate and up concatenated,
+vocabulary padding) is a list of byte runs of the safetensors files. Such a tensor is never read into memory: the
+writer gets a placeholder of its size whose pages are never touched, and where torch.save (inside DCP's writer)
+writes the placeholder's bytes, the output stream copies the runs instead with os.copy_file_range: page cache to
+page cache inside the kernel, as `cat` does. Every other byte of the file (zip records, pickles, .metadata) is
+DCP's and torch.save's own, so the file is the one a write from memory gives, byte for byte.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import math
+import mmap
+import os
+import threading
+
+import numpy as np
+import torch
+
+from .errors import ConversionError
+from .rows import readable_by_rows, row_runs, row_sources
+
+Run = tuple[int, int, int]  # (file descriptor, offset, byte count); descriptor -1: that many zero bytes
+
+_CHUNK = 256 << 20  # bytes mapped at once by the NaN/Inf check, and read at once where the kernel cannot copy
+
+
+def byte_runs(job, hf, dtype: torch.dtype) -> list[Run] | None:
+    """The source byte runs that make Megatron tensor `job.mcore` at `dtype`, in order; None when making it takes
+    more than moving rows (a cast, a transpose, dequantization)."""
+    if not readable_by_rows(job, hf) or any(hf.dtype(s) != dtype for s in job.sources):
+        return None
+    ranges = [hf.byte_range(s) for s in job.sources]
+    if any(r is None for r in ranges):
+        return None
+    row = math.prod(job.ctx.shape[1:]) * dtype.itemsize
+    runs: list[Run] = []
+    for src, first, n in row_runs(row_sources(job, hf)):
+        fd, offset, _ = ranges[src]
+        run = (-1, 0, n * row) if first < 0 else (fd, offset + first * row, n * row)
+        last = runs[-1] if runs else None
+        if last and last[0] == run[0] and (run[0] < 0 or last[1] + last[2] == run[1]):
+            runs[-1] = (last[0], last[1], last[2] + run[2])
+        else:
+            runs.append(run)
+    if sum(r[2] for r in runs) != math.prod(job.ctx.shape) * dtype.itemsize:
+        raise ConversionError(f"internal: the source runs of {job.mcore} do not add up to its size")
+    return runs
+
+
+def finite(byte_range: Run, dtype: torch.dtype) -> bool:
+    """Whether a stored tensor holds no NaN/Inf, read through a memory map of the file: no copy, no new memory,
+    unmapped chunk by chunk (mapped pages count in the process's RSS while mapped)."""
+    fd, offset, nbytes = byte_range
+    if not dtype.is_floating_point or nbytes == 0:
+        return True
+    step = _CHUNK // dtype.itemsize * dtype.itemsize
+    for start in range(offset, offset + nbytes, step):
+        n = min(step, offset + nbytes - start)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        # private and writable only so torch accepts the buffer; reading it copies nothing
+        with mmap.mmap(fd, start - base + n, flags=mmap.MAP_PRIVATE, offset=base) as m:
+            t = torch.frombuffer(m, dtype=dtype, count=n // dtype.itemsize, offset=start - base)
+            lo, hi = torch.aminmax(t)
+            del t  # the map cannot close while a tensor exports it
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                return False
+    return True
+
+
+class DirectWrites:
+    """Placeholders handed to the writer, the runs each stands for, and the pieces of them the writer must write.
+
+    `file_system` wraps DCP's file system so that its write of a piece's bytes becomes copies of the runs;
+    `check` then says whether every expected piece was written that way (a piece the writer copied first, and so
+    would have written as zeros, stops the conversion)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # placeholders are made in the resolver's thread, written in DCP's
+        self._starts: list[int] = []
+        self._held: dict[int, tuple[torch.Tensor, list[Run]]] = {}  # address -> placeholder, runs
+        self._pieces: dict[int, dict[int, int]] = {}  # placeholder address -> piece address -> byte count
+        self.copied = 0
+
+    def placeholder(self, shape: tuple[int, ...], dtype: torch.dtype, runs: list[Run]) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype)  # never read nor written: its pages are never touched
+        if t.numel():
+            with self._lock:
+                bisect.insort(self._starts, t.data_ptr())
+                self._held[t.data_ptr()] = (t, runs)
+        return t
+
+    def expect(self, base: torch.Tensor, pieces) -> None:
+        """The writer will write these pieces (tensors over `base`'s memory) of `base`, if it is a placeholder."""
+        with self._lock:
+            if base.data_ptr() not in self._held:
+                return
+            want = self._pieces.setdefault(base.data_ptr(), {})
+            for p in pieces:
+                if self._owner(p.data_ptr(), p.nbytes) != base.data_ptr():
+                    raise ConversionError("internal: a checkpoint piece of a directly copied tensor is not a view "
+                                          "of it")
+                want[p.data_ptr()] = p.nbytes
+
+    def _owner(self, addr: int, n: int) -> int | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        start = self._starts[i]
+        end = start + self._held[start][0].nbytes
+        if addr >= end:
+            return None
+        if addr + n > end:
+            raise ConversionError("internal: the writer wrote past the end of a directly copied tensor")
+        return start
+
+    def write(self, raw, data) -> int | None:
+        """Copy the runs behind `data` (a buffer being written) to `raw` at its position; None if `data` is not a
+        placeholder's piece."""
+        n = memoryview(data).nbytes
+        if not n or not self._starts:
+            return None
+        addr = np.frombuffer(data, np.uint8).ctypes.data
+        with self._lock:
+            start = self._owner(addr, n)
+            if start is None:
+                return None
+            want = self._pieces.get(start, {})
+            if want.get(addr) != n:
+                raise ConversionError("internal: the writer wrote an unexpected part of a directly copied tensor")
+            runs = self._held[start][1]
+            del want[addr]
+            if not want:  # all its pieces are written: the placeholder may go
+                del self._pieces[start], self._held[start]
+                self._starts.remove(start)
+        raw.flush()
+        pos = raw.tell()
+        _copy(runs, addr - start, n, raw.fileno(), pos)
+        raw.seek(pos + n)
+        self.copied += n
+        return n
+
+    def check(self) -> None:
+        if self._held:
+            raise ConversionError(f"internal: {len(self._held)} directly copied tensors were not written in full")
+
+    def file_system(self, fs):
+        return _FileSystem(fs, self)
+
+
+class _Stream:
+    """DCP's output stream, with writes of placeholder pieces turned into copies of their runs."""
+
+    def __init__(self, raw, direct: DirectWrites):
+        self._raw, self._direct = raw, direct
+
+    def write(self, data) -> int:
+        n = self._direct.write(self._raw, data)
+        return self._raw.write(data) if n is None else n
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+class _FileSystem:
+    def __init__(self, fs, direct: DirectWrites):
+        self._fs, self._direct = fs, direct
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        with self._fs.create_stream(path, mode) as raw:
+            yield _Stream(raw, self._direct) if "w" in mode else raw
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+def _copy(runs: list[Run], skip: int, n: int, out: int, pos: int) -> None:
+    """Bytes [skip, skip + n) of the runs, end to end, into file `out` at `pos`."""
+    for fd, offset, length in runs:
+        if skip >= length:
+            skip -= length
+            continue
+        take = min(length - skip, n)
+        if fd < 0:
+            _zeros(out, pos, take)
+        else:
+            _copy_range(fd, offset + skip, take, out, pos)
+        pos, n, skip = pos + take, n - take, 0
+        if not n:
+            return
+
+
+_kernel_copy = hasattr(os, "copy_file_range")
+# what copy_file_range answers where it cannot copy between these two files (another file system, old kernels)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:
+    global _kernel_copy
+    while n:
+        done = None
+        if _kernel_copy:
+            try:
+                done = os.copy_file_range(src, out, n, offset, pos)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                _kernel_copy = False
+        if done is None:
+            done = os.pwrite(out, os.pread(src, min(n, _CHUNK), offset), pos)
+        if done == 0:
+            raise ConversionError("a source file ended early while being copied (changed during the conversion?)")
+        offset, pos, n = offset + done, pos + done, n - done
+
+
+def _zeros(out: int, pos: int, n: int) -> None:
+    block = bytes(min(n, 1 << 20))
+    while n:
+        done = os.pwrite(out, block[:n], pos)
+        pos, n = pos + done, n - done

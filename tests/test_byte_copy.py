@@ -1,0 +1,80 @@
+"""Tensors copied file to file (byte_copy.py): the files are those a write from memory gives, byte for byte, with
+the kernel's copy or without it, and a piece the writer would not take from the source stops the conversion."""
+import errno
+import importlib
+import os
+
+import pytest
+
+from converter import ConversionError, byte_copy, mcore_io
+from converter.convert import convert
+
+conv = importlib.import_module("converter.convert")  # the module (the package's `convert` is the function)
+
+# a copy with vocabulary padding and tied embeddings, fused q/k/v and gate/up, stacked experts, packed experts
+# (partly transposed: those are made in memory), and the Gated DeltaNet regrouping
+FAMILIES = ["meta-llama/Llama-3.2-1B", "microsoft/Phi-3-mini-4k-instruct", "Qwen/Qwen3-30B-A3B",
+            "openai/gpt-oss-20b", "Qwen/Qwen3-Next-80B-A3B-Thinking"]
+
+
+def _files(d):
+    return {p.relative_to(d): p.read_bytes() for p in sorted((d / "release").iterdir()) if p.suffix == ".distcp"}
+
+
+def _convert(hf, out, monkeypatch, **kw) -> int:
+    """Convert and return how many bytes were copied file to file."""
+    made = []
+
+    class Counted(byte_copy.DirectWrites):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(conv, "DirectWrites", Counted)
+    convert(hf, out, progress=False, **kw)
+    return sum(m.copied for m in made)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_copied_files_are_those_written_from_memory(name, tiny_models, tmp_path, monkeypatch):
+    hf = tiny_models(name, "bf16")
+    copied = _convert(hf, tmp_path / "direct", monkeypatch, dtype="bf16")
+    with monkeypatch.context() as m:
+        m.setattr(conv, "byte_runs", lambda *a: None)  # every tensor made in memory
+        assert _convert(hf, tmp_path / "memory", monkeypatch, dtype="bf16") == 0
+    direct, memory = _files(tmp_path / "direct"), _files(tmp_path / "memory")
+    source = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    # every tensor but gpt-oss's transposed experts never entered memory
+    assert copied > (source // 3 if "gpt-oss" in name else source * 0.9)
+    assert direct.keys() == memory.keys() and all(direct[k] == memory[k] for k in memory)
+    # at another dtype nothing can be copied as stored
+    assert _convert(hf, tmp_path / "fp32", monkeypatch, dtype="fp32") == 0
+
+
+def test_without_the_kernel_copy_the_bytes_are_read_and_written(tiny_models, tmp_path, monkeypatch):
+    """Where copy_file_range cannot copy between the two files (another file system, an old kernel)."""
+    hf = tiny_models("Qwen/Qwen3-30B-A3B", "bf16")
+    convert(hf, tmp_path / "kernel", dtype="bf16", progress=False)
+
+    def refuse(*a):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(byte_copy, "_kernel_copy", True)
+    reads = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda *a: reads.append(a) or pread(*a))
+    convert(hf, tmp_path / "read", dtype="bf16", progress=False)
+    assert reads and byte_copy._kernel_copy is False
+    assert _files(tmp_path / "kernel") == _files(tmp_path / "read")
+
+
+def test_a_piece_the_writer_would_not_take_from_the_source_stops(tiny_models, tmp_path, monkeypatch):
+    """Were a piece of a placeholder copied in memory before the writer sees it, its bytes would be the
+    placeholder's untouched memory: the conversion stops instead, and leaves no output."""
+    hf = tiny_models("Qwen/Qwen3-30B-A3B", "bf16")
+    own = mcore_io._own_storage
+    monkeypatch.setattr(mcore_io, "_own_storage", lambda real, view: own(real, view).clone())
+    with pytest.raises(ConversionError, match="not a view"):
+        convert(hf, tmp_path / "mc", dtype="bf16", progress=False)
+    assert not (tmp_path / "mc").exists()
