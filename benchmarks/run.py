@@ -8,6 +8,7 @@ The peers: ms-swift's mcore-bridge and verl's mbridge, each in its own virtual e
 (benchmarks/peers/setup.sh, which says what stand-ins they need here), ModelOpt's importer, and Megatron-Bridge
 (not installable beside megatron-core 0.19: its row says why)."""
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -65,7 +66,8 @@ def main():
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
         **({f"hf2mcore convert at {a.baseline} (1 process)": [
-            "env", f"PYTHONPATH={Path(a.baseline).resolve()}", sys.executable, "-P", *convert[1:], "--workers", "1"]}
+            "env", f"PYTHONPATH={os.pathsep.join([str(Path(a.baseline).resolve()), os.environ.get('PYTHONPATH', '')])}",
+            sys.executable, "-P", *convert[1:], "--workers", "1"]}
            if a.baseline else {}),
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],

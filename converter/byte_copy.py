@@ -25,7 +25,8 @@ from .rows import readable_by_rows, row_runs, row_sources
 
 Run = tuple[int, int, int]  # (file descriptor, offset, byte count); descriptor -1: that many zero bytes
 
-_CHUNK = 256 << 20  # bytes mapped at once by the NaN/Inf check, and read at once where the kernel cannot copy
+_MAPPED = 64 << 20  # bytes mapped at once by the NaN/Inf check (mapped pages count in the process's RSS)
+_CHUNK = 256 << 20  # bytes read at once where the kernel cannot copy
 
 
 def byte_runs(job, hf, dtype: torch.dtype) -> list[Run] | None:
@@ -57,7 +58,7 @@ def finite(byte_range: Run, dtype: torch.dtype) -> bool:
     fd, offset, nbytes = byte_range
     if not dtype.is_floating_point or nbytes == 0:
         return True
-    step = _CHUNK // dtype.itemsize * dtype.itemsize
+    step = _MAPPED // dtype.itemsize * dtype.itemsize
     for start in range(offset, offset + nbytes, step):
         n = min(step, offset + nbytes - start)
         base = start - start % mmap.ALLOCATIONGRANULARITY
