@@ -30,6 +30,10 @@ for name in sorted(os.listdir(src)):
 """
 
 
+STARTUP = ("import converter; from converter.imports import import_megatron_eager; import_megatron_eager(); "
+           "import torch.distributed.checkpoint")
+
+
 def measure(cmd):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
@@ -39,8 +43,9 @@ def measure(cmd):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         sys.exit(f"exit {r.returncode}: {lines[-1].strip() if lines else '(no message)'}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, after.ru_maxrss / 1024  # MiB; maxrss of the largest child so far
+    kernel = after.ru_stime - before.ru_stime
+    cpu = (after.ru_utime - before.ru_utime) + kernel
+    return wall, cpu, after.ru_maxrss / 1024, kernel  # MiB: maxrss of the largest child so far
 
 
 def main():
@@ -65,6 +70,8 @@ def main():
         "I/O floor (Python copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
+        # what every convert run pays before its first byte: the Python imports alone
+        "hf2mcore start-up alone (imports)": [sys.executable, "-W", "ignore", "-c", STARTUP],
         **({f"hf2mcore convert at {a.baseline} (1 process)": [
             "env", f"PYTHONPATH={os.pathsep.join([str(Path(a.baseline).resolve()), os.environ.get('PYTHONPATH', '')])}",
             sys.executable, "-P", *convert[1:], "--workers", "1"]}
@@ -98,19 +105,20 @@ def main():
                 continue
             runs[name].append(tuple(map(float, r.stdout.split())))
             print(f"  {name}: {runs[name][-1][0]:.1f} s", file=sys.stderr, flush=True)
-    print("| tool | wall s (median) | CPU s | peak RSS MiB | paired ratio to floor (median) | runs (wall s) |")
-    print("|---|---|---|---|---|---|")
+    print("| tool | wall s (median) | CPU s | kernel s | peak RSS MiB | paired ratio to floor (median) | runs (wall s) |")
+    print("|---|---|---|---|---|---|---|")
     floor = None
     for name, rs in runs.items():
         if name in errors:
-            print(f"| {name} | could not run: {errors[name].replace('|', '/')} | | | | |")
+            print(f"| {name} | could not run: {errors[name].replace('|', '/')} | | | | | |")
             continue
         wall = statistics.median(r[0] for r in rs)
         cpu = statistics.median(r[1] for r in rs)
+        kernel = statistics.median(r[3] for r in rs)
         rss = max(r[2] for r in rs)
         floor = floor or rs  # the first tool's runs; round i of each tool ran right after the floor's round i
         paired = statistics.median(r[0] / f[0] for r, f in zip(rs, floor))
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {paired:.2f}x | "
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {kernel:.1f} | {rss:.0f} | {paired:.2f}x | "
               + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
     this = next((k for k in tools if k.startswith("hf2mcore convert (") and k not in errors), None)
     if this is not None:
@@ -121,6 +129,10 @@ def main():
                 ratio = statistics.median(x[0] / y[0] for x, y in zip(rs, runs[this]))
                 rss = max(r[2] for r in rs) / max(r[2] for r in runs[this])
                 print(f"| {name} | {ratio:.3f} | {rss:.2f} |")
+        start = "hf2mcore start-up alone (imports)"
+        if start in runs and start not in errors and floor:
+            less = statistics.median((x[0] - y[0]) / f[0] for x, y, f in zip(runs[this], runs[start], floor))
+            print(f"\n{this} less its start-up, paired to the floor: {less:.2f}x (median over rounds)")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -78,3 +78,29 @@ def test_a_piece_the_writer_would_not_take_from_the_source_stops(tiny_models, tm
     with pytest.raises(ConversionError, match="not a view"):
         convert(hf, tmp_path / "mc", dtype="bf16", progress=False)
     assert not (tmp_path / "mc").exists()
+
+
+def test_nonfinite_values_are_found_in_the_copied_bytes(tiny_models, tmp_path, monkeypatch):
+    """The NaN/Inf check of copied tensors reads the source through a memory map, a window at a time: a NaN past
+    the first windows (at offsets that are not page-aligned) still stops the conversion by name."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_models("meta-llama/Llama-3.2-1B", "bf16")
+    bad = shutil.copytree(hf, tmp_path / "bad")
+    t = load_file(bad / "model.safetensors")
+    w = t["model.layers.1.mlp.up_proj.weight"]
+    w.view(-1)[w.numel() - 3] = float("inf")
+    save_file(t, str(bad / "model.safetensors"))
+    monkeypatch.setattr(byte_copy, "_MAPPED", 4096)  # many windows per tensor
+    with pytest.raises(ConversionError, match=r"model.layers.1.mlp.up_proj.weight holds 1 non-finite"):
+        convert(bad, tmp_path / "out", dtype="bf16", progress=False)
+    assert not (tmp_path / "out").exists()
+    # the same check on the source as stored, window by window
+    from converter.hf_io import HFCheckpoint
+
+    src = HFCheckpoint(bad)
+    assert not byte_copy.finite(src.byte_range("model.layers.1.mlp.up_proj.weight"), torch.bfloat16)
+    assert byte_copy.finite(src.byte_range("model.layers.1.mlp.down_proj.weight"), torch.bfloat16)

@@ -7,7 +7,10 @@ Stand-ins so that it runs on a CPU-only machine, each the least that works:
 - its `get_model()` moves the model to CUDA: the model is built through its own provider instead, on the CPU,
   with megatron-core's random initialisation off (`perform_initialization=False`: the weights are loaded next);
 - with the local spec the layer norms are modules of their own: their names are given to its name mapping as
-  the Transformer Engine names it knows (the norm fused into linear_qkv / linear_fc1);
+  the Transformer Engine names it knows where it knows no other (the norm fused into linear_qkv / linear_fc1);
+- it asks for persistent layer norms, which the local spec's torch norm refuses: `persist_layer_norm=False`;
+- MoE: megatron-core's all-to-all token dispatcher makes a CUDA stream when built: the all-gather dispatcher
+  (which dispatcher routes tokens has no bearing on the weights);
 - megatron-core's torch_dist save asks CUDA for its device and synchronizes it: hf2mcore's CPU patches for
   megatron-core (`converter.runtime.cpu_patches`) during the save;
 - transformers 5 keeps `rope_theta` under `rope_parameters`: copied to where mbridge reads it.
@@ -42,15 +45,18 @@ def main(hf_dir: str, out_dir: str) -> None:
     bridge = AutoBridge.from_config(cfg, dtype=torch.bfloat16)
     bridge.config.perform_initialization = False
     bridge.config.use_cpu_initialization = True
+    bridge.config.persist_layer_norm = False
+    bridge.config.moe_token_dispatcher_type = "allgather"
     to_hf = bridge._weight_name_mapping_mcore_to_hf
     te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 
     def local_to_hf(name):
-        for local, te in te_names.items():
-            if name.endswith(local):
-                name = name.removesuffix(local) + te
-        return to_hf(name)
+        try:
+            return to_hf(name)
+        except NotImplementedError:  # a dense layer's norm, which mbridge knows under its fused name only
+            local = next(k for k in te_names if name.endswith(k))
+            return to_hf(name.removesuffix(local) + te_names[local])
 
     bridge._weight_name_mapping_mcore_to_hf = local_to_hf
     model = bridge._model_provider([])(pre_process=True, post_process=True)

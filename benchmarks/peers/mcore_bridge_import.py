@@ -6,10 +6,12 @@ Usage: python mcore_bridge_import.py HF_DIR OUT_DIR
 Stand-ins so that it runs on a CPU-only machine, each the least that works:
 - it imports transformer_engine when imported: empty stub modules, put in place after peft and megatron-core
   have decided that Transformer Engine is absent; and it patches methods onto megatron-core's Transformer Engine
-  classes, which are None without it: empty classes of those names (nothing is built from them);
+  classes, which are None or MagicMocks without it: empty classes of those names (nothing is built from them);
 - its layer spec is Transformer Engine's: the local spec (`use_transformer_engine=False`), with
   `persist_layer_norm=False`, and the two layer norms it sets under their Transformer Engine names (fused into
   linear_qkv / linear_fc1) set under their local names;
+- MoE: megatron-core's all-to-all token dispatcher makes a CUDA stream when built: the all-gather dispatcher,
+  which needs fixed sequence lengths (neither has any bearing on the weights);
 - megatron-core's torch_dist save asks CUDA for its device and synchronizes it: hf2mcore's CPU patches for
   megatron-core (`converter.runtime.cpu_patches`) during the save.
 """
@@ -26,7 +28,7 @@ def _stub_transformer_engine() -> None:
     import peft  # noqa: F401  (likewise)
 
     for name in dir(te):
-        if name.startswith("TE") and getattr(te, name) is None:
+        if name.startswith("TE") and not isinstance(getattr(te, name), type):  # None or a MagicMock
             setattr(te, name, type(name, (), {}))
 
     for name in ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.attention"):
@@ -62,7 +64,8 @@ def main(hf_dir: str, out_dir: str) -> None:
 
     hf_config = AutoConfig.from_pretrained(hf_dir)
     config = ModelConfig(**hf_to_mcore_config(hf_config), params_dtype=torch.bfloat16, bf16=True,
-                         persist_layer_norm=False, use_cpu_initialization=True, perform_initialization=False)
+                         persist_layer_norm=False, use_cpu_initialization=True, perform_initialization=False,
+                         moe_token_dispatcher_type="allgather", variable_seq_lengths=False)
     models = get_mcore_model(config)
     config.bridge.load_weights(models, hf_dir)
     from converter.runtime import cpu_patches
