@@ -9,6 +9,7 @@ The peers: ms-swift's mcore-bridge and verl's mbridge, each in its own virtual e
 (not installable beside megatron-core 0.19: its row says why)."""
 import argparse
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -40,8 +41,10 @@ def measure(cmd):
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t
     if r.returncode:  # a peer that cannot run here: its exact error, for the table
-        lines = [line for line in r.stderr.splitlines() if line.strip()]
-        sys.exit(f"exit {r.returncode}: {lines[-1].strip() if lines else '(no message)'}")
+        lines = [line.strip() for line in r.stderr.splitlines() if line.strip()]
+        # the exception, not a progress bar or log line printed after it
+        raised = [line for line in lines if re.search(r"(Error|Exception|Interrupt|StopIteration)\b", line)]
+        sys.exit(f"exit {r.returncode}: {(raised or lines or ['(no message)'])[-1]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     kernel = after.ru_stime - before.ru_stime
     cpu = (after.ru_utime - before.ru_utime) + kernel

@@ -55,7 +55,9 @@ def main(hf_dir: str, out_dir: str) -> None:
         try:
             return to_hf(name)
         except NotImplementedError:  # a dense layer's norm, which mbridge knows under its fused name only
-            local = next(k for k in te_names if name.endswith(k))
+            local = next((k for k in te_names if name.endswith(k)), None)
+            if local is None:
+                raise
             return to_hf(name.removesuffix(local) + te_names[local])
 
     bridge._weight_name_mapping_mcore_to_hf = local_to_hf
