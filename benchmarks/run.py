@@ -51,6 +51,15 @@ def measure(cmd):
     return wall, cpu, after.ru_maxrss / 1024, kernel  # MiB: maxrss of the largest child so far
 
 
+def evict(hf_dir: Path) -> None:
+    for f in hf_dir.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the source is never written: its pages are clean
+        finally:
+            os.close(fd)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("hf_dir")
@@ -60,6 +69,9 @@ def main():
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="hf2mcore process counts to run")
     p.add_argument("--baseline", help="a checkout of another hf2mcore (e.g. `git worktree add DIR REV`): its convert "
                                       "runs too, one process, for paired ratios against this one")
+    p.add_argument("--cold", action="store_true", help="evict the input's files from the page cache before every "
+                                                       "run: read from disk, as after a download on another node "
+                                                       "(Python's and torch's own files stay cached)")
     a = p.parse_args()
     work = Path(a.work)
     convert = [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"), "--no-progress",
@@ -73,6 +85,7 @@ def main():
         "I/O floor (Python copy + fsync)": [sys.executable, "-c", FLOOR, a.hf_dir, str(work / "floor")],
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
+        "hf2mcore convert (default: --workers auto)": convert,
         # what every convert run pays before its first byte: the Python imports alone
         "hf2mcore start-up alone (imports)": [sys.executable, "-W", "ignore", "-c", STARTUP],
         **({f"hf2mcore convert at {a.baseline} (1 process)": [
@@ -91,7 +104,7 @@ def main():
     if a.tools:
         tools = {k: v for k, v in tools.items() if any(t.lower() in k.lower() for t in a.tools)}
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
-    print(f"input: {a.hf_dir} ({size:.2f} GiB)")
+    print(f"input: {a.hf_dir} ({size:.2f} GiB), page cache {'evicted before every run' if a.cold else 'warm'}")
     runs, errors = {name: [] for name in tools}, {}
     # round robin, so every tool sees the same phases of this machine's noisy disk
     for _ in range(a.repeat):
@@ -100,6 +113,8 @@ def main():
                 continue
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
+            if a.cold:
+                evict(Path(a.hf_dir))
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
             r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True)
             if r.returncode:

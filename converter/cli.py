@@ -268,6 +268,10 @@ def _run(a) -> int:
     if a.command in ("inspect", "export") or (a.command == "convert" and not a.quantize):
         # File work only: no process (nor --workers rank) sets up CUDA or binds to a GPU it does not need.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if a.command == "convert" and a.hf_dir and not a.quantize:
+        from .readahead import start
+
+        start(Path(a.hf_dir))  # while the imports below run
     if not (a.command == "inspect" and a.format != "json"):  # the others build a megatron-core model
         from .imports import import_megatron_eager
 

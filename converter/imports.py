@@ -34,15 +34,15 @@ def import_megatron_eager() -> None:
     """
     if "megatron.core" in sys.modules:
         return
-    import torch
+    with gc_paused():
+        import torch
 
-    compile_ = torch.compile
-    torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
-    try:
-        with gc_paused():
+        compile_ = torch.compile
+        torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
+        try:
             importlib.import_module("megatron.core.jit")  # with megatron.core, which binds jit_fuser
-    finally:
-        torch.compile = compile_
+        finally:
+            torch.compile = compile_
 
 
 def interpret_triton_without_gpu() -> None:
