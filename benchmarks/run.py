@@ -106,9 +106,10 @@ def main():
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
     print(f"input: {a.hf_dir} ({size:.2f} GiB), page cache {'evicted before every run' if a.cold else 'warm'}")
     runs, errors = {name: [] for name in tools}, {}
-    # round robin, so every tool sees the same phases of this machine's noisy disk
-    for _ in range(a.repeat):
-        for name, cmd in tools.items():
+    # round robin, so every tool sees the same phases of this machine's noisy disk; every other round in reverse,
+    # so no tool always runs right after the same one (after `cat`, the kernel is still reclaiming its pages)
+    for i in range(a.repeat):
+        for name, cmd in list(tools.items())[::-1 if i % 2 else 1]:
             if name in errors:
                 continue
             shutil.rmtree(work, ignore_errors=True)
