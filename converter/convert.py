@@ -17,7 +17,7 @@ from .byte_copy import DirectWrites, byte_runs, finite
 from .errors import ConversionError
 from .dequant import open_source
 from .hf_io import HFCheckpoint
-from . import layout
+from . import layout, readahead
 from .mcore_io import save_streaming
 from .model import parse_dtype
 from .plan import build_plan, check_source, mcore_shapes, with_source_mtp
@@ -40,86 +40,90 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     the output and in hf2mcore.json; they are converted by default).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    dt = parse_dtype(dtype)
-    spec = derive(hf_dir, family=family)
-    spec.check_parallel(tp, pp, ep, etp)
-    refuse_existing(out_dir, overwrite, (hf_dir,))
-    hf = open_source(hf_dir, spec)
-    hf_shapes = {n: hf.shape(n) for n in hf.names()}  # (the reader may rename: packed experts, dequantized)
-    check_source(spec, hf_shapes)
-    if not mtp:
-        spec = with_source_mtp(spec, hf.names(), keep=False)
-    if workers == "auto":
-        workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt)
-    if not isinstance(workers, int) or workers < 1:
-        raise ConversionError(f"workers must be a positive number or 'auto', not {workers!r}")
-    if workers > 1:
-        if launched_by_torchrun():
-            raise ConversionError("workers: under torchrun the ranks are the workers; leave --workers out")
-        from .workers import run_forked
+    # started before torch's import by the command line, or here; ranks forked below report to it
+    with readahead.following(hf_dir) as ahead:
+        dt = parse_dtype(dtype)
+        spec = derive(hf_dir, family=family)
+        spec.check_parallel(tp, pp, ep, etp)
+        refuse_existing(out_dir, overwrite, (hf_dir,))
+        hf = open_source(hf_dir, spec)
+        hf_shapes = {n: hf.shape(n) for n in hf.names()}  # (the reader may rename: packed experts, dequantized)
+        check_source(spec, hf_shapes)
+        if not mtp:
+            spec = with_source_mtp(spec, hf.names(), keep=False)
+        if workers == "auto":
+            workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt)
+        if not isinstance(workers, int) or workers < 1:
+            raise ConversionError(f"workers must be a positive number or 'auto', not {workers!r}")
+        if workers > 1:
+            if launched_by_torchrun():
+                raise ConversionError("workers: under torchrun the ranks are the workers; leave --workers out")
+            from .workers import run_forked
 
-        run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
-                                              overwrite=overwrite, family=family, progress=progress, exact=exact,
-                                              allow_nonfinite=allow_nonfinite, mtp=mtp))
+            run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
+                                                  overwrite=overwrite, family=family, progress=progress, exact=exact,
+                                                  allow_nonfinite=allow_nonfinite, mtp=mtp))
+            return out_dir
+        ensure_distributed(cpu=True)
+        ns, settings = spec.megatron_namespace(tp, pp, ep, etp, dt, exact=exact), spec.hook_settings(exact)
+        model = spec.build_model(device="meta", dtype=dt, exact=exact)
+        shapes = mcore_shapes(model)
+        plan = build_plan(spec, shapes, hf_shapes)
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        unequal = [_unequal_copies(hf, plan) if rank == 0 else None]  # read once, the verdict shared
+        dist.broadcast_object_list(unequal, src=0)
+        if unequal[0]:
+            raise ConversionError(unequal[0])
+        total = sum(_nbytes(hf, n) for n in plan.hf_names())
+        # several processes: each shows and counts its own share (about 1/world of the bytes)
+        bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
+                       enabled=progress and rank == 0)
+        done: set[str] = set()
+        direct = DirectWrites()
+
+        def make(name: str) -> torch.Tensor:
+            job = plan.jobs[name]
+            if name in done:
+                raise ConversionError(f"internal: {name} was requested twice")
+            runs = byte_runs(job, hf, dt)
+            if runs is not None:  # the stored bytes as they are: copied file to file when written
+                for s in job.sources if not allow_nonfinite else ():
+                    if not finite(hf.byte_range(s), dt):
+                        _check_finite(job, hf.get(s))  # says how many
+                out = direct.placeholder(job.ctx.shape, dt, runs)
+            elif readable_by_rows(job, hf):  # read straight into place
+                out = torch.empty(job.ctx.shape, dtype=dt)
+                read_rows(hf, job, row_sources(job, hf), 0, out)
+            else:
+                out = job.to_mcore([hf.get(s).to(dt) for s in job.sources])
+            if tuple(out.shape) != job.ctx.shape:
+                raise ConversionError(f"{name}: made shape {tuple(out.shape)}, the model needs {job.ctx.shape}")
+            if not allow_nonfinite and runs is None:
+                _check_finite(job, out)
+            done.add(name)
+            read = sum(_nbytes(hf, s) for s in job.sources)
+            bar.update(read, name)
+            ahead.consumed(read, rank, world)
+            return out
+
+        need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
+        with atomic_dir_all_ranks(out_dir, overwrite, need, (hf_dir,)) as tmp:
+            t0 = time.time()
+            mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns), direct)
+            bar.close()
+            left = [n for n in mine if n not in done]
+            everyone = [None] * world
+            dist.all_gather_object(everyone, sorted(done))
+            left += sorted(set(plan.jobs) - {n for d in everyone for n in d})
+            if left:
+                raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
+            if rank == 0:
+                cfg = (hf_dir / "config.json").read_bytes()
+                layout.write_root(tmp, out_dir, spec, ns, settings, cfg, _manifest(
+                    hf_dir, cfg, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world, settings,
+                    not allow_nonfinite))
         return out_dir
-    ensure_distributed(cpu=True)
-    ns, settings = spec.megatron_namespace(tp, pp, ep, etp, dt, exact=exact), spec.hook_settings(exact)
-    model = spec.build_model(device="meta", dtype=dt, exact=exact)
-    shapes = mcore_shapes(model)
-    plan = build_plan(spec, shapes, hf_shapes)
-
-    world, rank = dist.get_world_size(), dist.get_rank()
-    unequal = [_unequal_copies(hf, plan) if rank == 0 else None]  # read once, the verdict shared
-    dist.broadcast_object_list(unequal, src=0)
-    if unequal[0]:
-        raise ConversionError(unequal[0])
-    total = sum(_nbytes(hf, n) for n in plan.hf_names())
-    # several processes: each shows and counts its own share (about 1/world of the bytes)
-    bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
-                   enabled=progress and rank == 0)
-    done: set[str] = set()
-    direct = DirectWrites()
-
-    def make(name: str) -> torch.Tensor:
-        job = plan.jobs[name]
-        if name in done:
-            raise ConversionError(f"internal: {name} was requested twice")
-        runs = byte_runs(job, hf, dt)
-        if runs is not None:  # the stored bytes as they are: copied file to file when written
-            for s in job.sources if not allow_nonfinite else ():
-                if not finite(hf.byte_range(s), dt):
-                    _check_finite(job, hf.get(s))  # says how many
-            out = direct.placeholder(job.ctx.shape, dt, runs)
-        elif readable_by_rows(job, hf):  # read straight into place
-            out = torch.empty(job.ctx.shape, dtype=dt)
-            read_rows(hf, job, row_sources(job, hf), 0, out)
-        else:
-            out = job.to_mcore([hf.get(s).to(dt) for s in job.sources])
-        if tuple(out.shape) != job.ctx.shape:
-            raise ConversionError(f"{name}: made shape {tuple(out.shape)}, the model needs {job.ctx.shape}")
-        if not allow_nonfinite and runs is None:
-            _check_finite(job, out)
-        done.add(name)
-        bar.update(sum(_nbytes(hf, s) for s in job.sources), name)
-        return out
-
-    need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
-    with atomic_dir_all_ranks(out_dir, overwrite, need, (hf_dir,)) as tmp:
-        t0 = time.time()
-        mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns), direct)
-        bar.close()
-        left = [n for n in mine if n not in done]
-        everyone = [None] * world
-        dist.all_gather_object(everyone, sorted(done))
-        left += sorted(set(plan.jobs) - {n for d in everyone for n in d})
-        if left:
-            raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
-        if rank == 0:
-            cfg = (hf_dir / "config.json").read_bytes()
-            layout.write_root(tmp, out_dir, spec, ns, settings, cfg, _manifest(
-                hf_dir, cfg, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world, settings,
-                not allow_nonfinite))
-    return out_dir
 
 
 def _unequal_copies(hf: HFCheckpoint, plan, chunk: int = 64 << 20) -> str | None:

@@ -1,5 +1,5 @@
-"""The command line reads the source into the page cache while it imports torch (readahead.py), and the package
-imports its entry points when first used, so that reading can start before torch's import."""
+"""The source is read into the page cache ahead of the conversion (readahead.py), from before torch's import on
+the command line: the package imports its entry points when first used."""
 import ctypes
 import importlib
 import mmap
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -42,31 +43,68 @@ def _evict(path) -> None:
         os.close(fd)
 
 
-def test_reads_the_shards_in_order_into_the_page_cache_up_to_the_budget(tmp_path):
-    mib = 1 << 20
+MIB = 1 << 20
+
+
+def _until(cond, seconds=20):
+    end = time.time() + seconds
+    while not cond() and time.time() < end:
+        time.sleep(0.02)
+    return cond()
+
+
+def _shards(d):
     for name, n in [("model-00002-of-00002.safetensors", 64), ("model-00001-of-00002.safetensors", 6),
                     ("notes.txt", 1)]:
-        (tmp_path / name).write_bytes(os.urandom(n * mib))
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "a.safetensors").write_bytes(b"x" * mib)  # not the model's: not read
-    os.mkfifo(tmp_path / "fifo.safetensors")  # would block a plain open: left out
-    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+        (d / name).write_bytes(os.urandom(n * MIB))
+    (d / "sub").mkdir()
+    (d / "sub" / "a.safetensors").write_bytes(b"x" * MIB)  # not the model's: not read
+    os.mkfifo(d / "fifo.safetensors")  # would block a plain open: left out
+    return d / "model-00001-of-00002.safetensors", d / "model-00002-of-00002.safetensors"
 
-    files = readahead.plan(tmp_path, 8 * mib)
-    assert files == [(first, 6 * mib), (second, 2 * mib)]
+
+def test_reads_the_shards_in_order_and_stays_within_its_budget_of_what_was_consumed(tmp_path):
+    first, second = _shards(tmp_path)
+    assert readahead.plan(tmp_path) == [(first, 6 * MIB), (second, 64 * MIB)]
     for f in (first, second):
         _evict(f)
-    if _resident(first) > mib:
+    if _resident(first) > MIB:
         pytest.skip("this file system keeps the pages of a clean file it was asked to drop (tmpfs?)")
-    readahead.read(files)
-    assert _resident(first) == 6 * mib
-    assert 2 * mib <= _resident(second) <= 32 * mib  # the budget's share (and the kernel's own readahead window)
+    ahead = readahead.ReadAhead(tmp_path, budget=8 * MIB)
+    try:
+        assert _until(lambda: _resident(first) == 6 * MIB and _resident(second) >= 2 * MIB)
+        time.sleep(0.5)
+        # the budget's 2 MiB of the second shard (and the kernel's own readahead window), not all 64
+        assert _resident(second) <= 32 * MIB
+        ahead.consumed(40 * MIB)
+        assert _until(lambda: _resident(second) >= 42 * MIB)
+    finally:
+        stopping = threading.Thread(target=ahead.stop)
+        stopping.start()
+        stopping.join(10)
+    assert not stopping.is_alive() and not ahead._thread.is_alive()
+
+
+def test_forked_ranks_report_what_they_consumed(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * MIB)
+    with readahead.ReadAhead(tmp_path, budget=0) as ahead:  # reads nothing: only the counting is tested
+        ahead.consumed(3, rank=0, world=2)  # the reader's own process under torchrun: its share of 2
+        for rank in (0, 1):
+            pid = os.fork()
+            if pid == 0:
+                ahead.consumed(1000 + rank, rank=rank, world=2)
+                os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        assert ahead.total_consumed() == 6 + 1000 + 1001
 
 
 def test_a_fifo_does_not_hang_it(tmp_path):
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
-    t = threading.Thread(target=readahead.read, args=([(fifo, 1 << 20)],), daemon=True)
+    ahead = readahead.ReadAhead(tmp_path, budget=MIB)  # plan() leaves the FIFO out
+    ahead._thread.join(10)
+    assert not ahead._thread.is_alive()
+    t = threading.Thread(target=ahead._read, args=([(fifo, MIB)],), daemon=True)  # a file that became a FIFO
     t.start()
     t.join(10)
     assert not t.is_alive()
