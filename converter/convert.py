@@ -104,7 +104,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
             done.add(name)
             read = sum(_nbytes(hf, s) for s in job.sources)
             bar.update(read, name)
-            ahead.consumed(read, rank, world)
+            ahead.consumed(read, rank)
             return out
 
         need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize

@@ -14,8 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ConversionError
+from .shards import INDEX, shard_files
 
-INDEX = "model.safetensors.index.json"
 
 
 class HFCheckpoint:
@@ -30,23 +30,9 @@ class HFCheckpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConversionError(f"{self.path} is not a directory")
-        index = self.path / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                raise ConversionError(f"{index} is not a safetensors index: {exc}") from exc
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise ConversionError(f"{index}: weight_map must map tensor names to file names")
-            files = sorted(set(weight_map.values()))
-            for f in files:  # a shard named by the index is a file of this directory, never one elsewhere
-                if Path(f).is_absolute() or ".." in Path(f).parts or not Path(f).parts:
-                    raise ConversionError(f"{index} names the shard {f!r}, outside {self.path}: refused")
-        else:
-            files = [p.name for p in sorted(self.path.glob("*.safetensors"))]
-            if not files:
-                raise ConversionError(f"no *.safetensors weights in {self.path} (only safetensors are read)")
-            weight_map = None
+        files, weight_map = shard_files(self.path)
+        if weight_map is None and not files:
+            raise ConversionError(f"no *.safetensors weights in {self.path} (only safetensors are read)")
         self.file_of: dict[str, str] = {}
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}  # name -> dtype, shape, byte offset
         self._fds: dict[str, int] = {}

@@ -8,8 +8,9 @@ the writer does), the same bytes come at the disk's sequential speed; the comman
 imports torch and megatron-core, so that seconds of one core overlap the reading too.
 
 It stays at most `budget` bytes ahead of what the conversion has consumed (half the memory available at the start),
-so that what it read is still cached when the writer gets there. Ranks forked from this process (--workers) report
-what they consume through a shared page. os.sendfile to /dev/null reads inside the kernel (no user-space copy) and
+so that what it read is still cached when the writer gets there (on a 15 GiB input, larger than that, following the
+conversion measured no gain over reading during the start-up only: RESULTS.md session 9). Ranks forked from this
+process (--workers) report what they consume through a shared page. os.sendfile to /dev/null reads inside the kernel (no user-space copy) and
 releases the GIL. Only a hint: an error stops the reading silently, since the conversion's own reads meet and
 report it.
 """
@@ -20,8 +21,11 @@ import os
 import stat
 import struct
 import threading
-import time
 from pathlib import Path
+
+from .errors import ConversionError
+from .launch import launched_by_torchrun
+from .shards import shard_files
 
 _STEP = 64 << 20  # bytes per sendfile call
 _SLOTS = 64  # forked ranks that can report (--workers allows at most 8)
@@ -29,10 +33,17 @@ _POLL_S = 0.02  # how often a reader that is far enough ahead looks at the ranks
 
 
 def plan(hf_dir: Path) -> list[tuple[Path, int]]:
-    """(file, size) of the safetensors files directly in `hf_dir`, in name order; regular files only (a FIFO
-    would block)."""
+    """(file, size) of the shards the conversion reads (shards.shard_files: the index's, else every *.safetensors),
+    in name order; regular files only (a FIFO would block). Nothing under torchrun: its ranks, often on many nodes,
+    each need only their share, and reading every shard on every node would multiply the reading."""
+    if launched_by_torchrun():
+        return []
+    try:
+        names, _ = shard_files(hf_dir)
+    except (ConversionError, OSError):  # the conversion's own reading reports it
+        return []
     out = []
-    for f in sorted(hf_dir.glob("*.safetensors")):
+    for f in map(hf_dir.joinpath, names):
         try:
             st = f.stat()
         except OSError:
@@ -59,12 +70,8 @@ class ReadAhead:
                                         daemon=True)
         self._thread.start()
 
-    def consumed(self, nbytes: int, rank: int = 0, world: int = 1) -> None:
-        """This process has consumed `nbytes` more of the source (as rank `rank` of `world`)."""
-        if os.getpid() == self._owner:
-            # the reader's own process: alone, or one of `world` ranks of torchrun, each with its own reader and
-            # about 1/world of the bytes
-            rank, nbytes = 0, nbytes * world
+    def consumed(self, nbytes: int, rank: int = 0) -> None:
+        """This process (forked rank `rank`, or the reader's own process as rank 0) consumed `nbytes` more."""
         if rank < _SLOTS:
             slot = 8 * rank
             struct.pack_into("q", self._counts, slot, struct.unpack_from("q", self._counts, slot)[0] + nbytes)
@@ -100,10 +107,9 @@ class ReadAhead:
                     pos = 0
                     while pos < size:
                         room = self.budget - (ahead - self.total_consumed())
-                        if self._stop.is_set():
+                        if self._stop.wait(_POLL_S if room <= 0 else 0):
                             return
                         if room <= 0:
-                            time.sleep(_POLL_S)
                             continue
                         done = os.sendfile(null, fd, pos, min(_STEP, size - pos, room))
                         if not done:

@@ -12,10 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConversionError
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+from .launch import launched_by_torchrun  # (re-exported: callers import it from here)
 
 
 _own_group = None  # the one-process group ensure_distributed started, the only one it may also end

@@ -2,6 +2,7 @@
 the command line: the package imports its entry points when first used."""
 import ctypes
 import importlib
+import json
 import mmap
 import os
 import subprocess
@@ -88,14 +89,29 @@ def test_reads_the_shards_in_order_and_stays_within_its_budget_of_what_was_consu
 def test_forked_ranks_report_what_they_consumed(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * MIB)
     with readahead.ReadAhead(tmp_path, budget=0) as ahead:  # reads nothing: only the counting is tested
-        ahead.consumed(3, rank=0, world=2)  # the reader's own process under torchrun: its share of 2
+        ahead.consumed(3)  # the reader's own process
         for rank in (0, 1):
             pid = os.fork()
             if pid == 0:
-                ahead.consumed(1000 + rank, rank=rank, world=2)
+                ahead.consumed(1000 + rank, rank=rank)
                 os._exit(0)
             assert os.waitpid(pid, 0)[1] == 0
-        assert ahead.total_consumed() == 6 + 1000 + 1001
+        assert ahead.total_consumed() == 3 + 1000 + 1001
+
+
+def test_only_the_shards_the_index_names_and_nothing_under_torchrun(tmp_path, monkeypatch):
+    for name in ("consolidated.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / name).write_bytes(b"x" * MIB)  # (Mistral's repositories ship both layouts)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}}))
+    assert [f.name for f, _ in readahead.plan(tmp_path)] == ["model-00001-of-00002.safetensors",
+                                                             "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../elsewhere.safetensors"}}')
+    assert readahead.plan(tmp_path) == []  # refused by the conversion itself, with its message
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert readahead.plan(tmp_path) == []
 
 
 def test_a_fifo_does_not_hang_it(tmp_path):
