@@ -135,7 +135,7 @@ def main():
         cpu = statistics.median(r[1] for r in rs)
         kernel = statistics.median(r[3] for r in rs)
         rss = max(r[2] for r in rs)
-        floor = floor or rs  # the first tool's runs; round i of each tool ran right after the floor's round i
+        floor = floor or rs  # the first tool's runs; round i of each tool ran in the floor's round i
         paired = statistics.median(r[0] / f[0] for r, f in zip(rs, floor))
         print(f"| {name} | {wall:.1f} | {cpu:.1f} | {kernel:.1f} | {rss:.0f} | {paired:.2f}x | "
               + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
