@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import math
-import mmap
 import os
 import threading
 
@@ -21,12 +19,8 @@ import numpy as np
 import torch
 
 from .errors import ConversionError
+from .kernel_copy import Run, copy_runs
 from .rows import readable_by_rows, row_runs, row_sources
-
-Run = tuple[int, int, int]  # (file descriptor, offset, byte count); descriptor -1: that many zero bytes
-
-_MAPPED = 64 << 20  # bytes mapped at once by the NaN/Inf check (mapped pages count in the process's RSS)
-_CHUNK = 256 << 20  # bytes read at once where the kernel cannot copy
 
 
 def byte_runs(job, hf, dtype: torch.dtype) -> list[Run] | None:
@@ -52,26 +46,6 @@ def byte_runs(job, hf, dtype: torch.dtype) -> list[Run] | None:
     return runs
 
 
-def finite(byte_range: Run, dtype: torch.dtype) -> bool:
-    """Whether a stored tensor holds no NaN/Inf, read through a memory map of the file: no copy, no new memory,
-    unmapped chunk by chunk (mapped pages count in the process's RSS while mapped)."""
-    fd, offset, nbytes = byte_range
-    if not dtype.is_floating_point or nbytes == 0:
-        return True
-    step = _MAPPED // dtype.itemsize * dtype.itemsize
-    for start in range(offset, offset + nbytes, step):
-        n = min(step, offset + nbytes - start)
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        # private and writable only so torch accepts the buffer; reading it copies nothing
-        with mmap.mmap(fd, start - base + n, flags=mmap.MAP_PRIVATE, offset=base) as m:
-            t = torch.frombuffer(m, dtype=dtype, count=n // dtype.itemsize, offset=start - base)
-            lo, hi = torch.aminmax(t)
-            del t  # the map cannot close while a tensor exports it
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                return False
-    return True
-
-
 class DirectWrites:
     """Placeholders handed to the writer, the runs each stands for, and the pieces of them the writer must write.
 
@@ -79,7 +53,8 @@ class DirectWrites:
     `check` then says whether every expected piece was written that way (a piece the writer copied first, and so
     would have written as zeros, stops the conversion)."""
 
-    def __init__(self):
+    def __init__(self, recorder=None):
+        self.recorder = recorder  # replay.Recorder: what the streams wrote, to convert this shape again without torch
         self._lock = threading.Lock()  # placeholders are made in the resolver's thread, written in DCP's
         self._starts: list[int] = []
         self._held: dict[int, tuple[torch.Tensor, list[Run]]] = {}  # address -> placeholder, runs
@@ -118,9 +93,9 @@ class DirectWrites:
             raise ConversionError("internal: the writer wrote past the end of a directly copied tensor")
         return start
 
-    def write(self, raw, data) -> int | None:
-        """Copy the runs behind `data` (a buffer being written) to `raw` at its position; None if `data` is not a
-        placeholder's piece."""
+    def write(self, raw, data, name: str) -> int | None:
+        """Copy the runs behind `data` (a buffer being written) to `raw` (file `name`) at its position; None if
+        `data` is not a placeholder's piece."""
         n = memoryview(data).nbytes
         if not n or not self._starts:
             return None
@@ -139,8 +114,10 @@ class DirectWrites:
                 self._starts.remove(start)
         raw.flush()
         pos = raw.tell()
-        _copy(runs, addr - start, n, raw.fileno(), pos)
+        copy_runs(runs, addr - start, n, raw.fileno(), pos)
         raw.seek(pos + n)
+        if self.recorder is not None:
+            self.recorder.runs(name, pos, runs, addr - start, n)
         self.copied += n
         return n
 
@@ -155,12 +132,16 @@ class DirectWrites:
 class _Stream:
     """DCP's output stream, with writes of placeholder pieces turned into copies of their runs."""
 
-    def __init__(self, raw, direct: DirectWrites):
-        self._raw, self._direct = raw, direct
+    def __init__(self, raw, direct: DirectWrites, name: str):
+        self._raw, self._direct, self._name = raw, direct, name
 
     def write(self, data) -> int:
-        n = self._direct.write(self._raw, data)
-        return self._raw.write(data) if n is None else n
+        n = self._direct.write(self._raw, data, self._name)
+        if n is not None:
+            return n
+        if self._direct.recorder is not None:
+            self._direct.recorder.literal(self._name, self._raw.tell(), data)
+        return self._raw.write(data)
 
     def __getattr__(self, name):
         return getattr(self._raw, name)
@@ -173,53 +154,7 @@ class _FileSystem:
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
         with self._fs.create_stream(path, mode) as raw:
-            yield _Stream(raw, self._direct) if "w" in mode else raw
+            yield _Stream(raw, self._direct, os.path.basename(path)) if "w" in mode else raw
 
     def __getattr__(self, name):
         return getattr(self._fs, name)
-
-
-def _copy(runs: list[Run], skip: int, n: int, out: int, pos: int) -> None:
-    """Bytes [skip, skip + n) of the runs, end to end, into file `out` at `pos`."""
-    for fd, offset, length in runs:
-        if skip >= length:
-            skip -= length
-            continue
-        take = min(length - skip, n)
-        if fd < 0:
-            _zeros(out, pos, take)
-        else:
-            _copy_range(fd, offset + skip, take, out, pos)
-        pos, n, skip = pos + take, n - take, 0
-        if not n:
-            return
-
-
-_kernel_copy = hasattr(os, "copy_file_range")
-# what copy_file_range answers where it cannot copy between these two files (another file system, old kernels)
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
-
-
-def _copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:
-    global _kernel_copy
-    while n:
-        done = None
-        if _kernel_copy:
-            try:
-                done = os.copy_file_range(src, out, n, offset, pos)
-            except OSError as exc:
-                if exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                _kernel_copy = False
-        if done is None:
-            done = os.pwrite(out, os.pread(src, min(n, _CHUNK), offset), pos)
-        if done == 0:
-            raise ConversionError("a source file ended early while being copied (changed during the conversion?)")
-        offset, pos, n = offset + done, pos + done, n - done
-
-
-def _zeros(out: int, pos: int, n: int) -> None:
-    block = bytes(min(n, 1 << 20))
-    while n:
-        done = os.pwrite(out, block[:n], pos)
-        pos, n = pos + done, n - done

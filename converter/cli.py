@@ -68,11 +68,22 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _out_dir(a, hf: Path) -> Path:
+    return Path(a.out_dir) if a.out_dir else Path("out") / hf.name
+
+
+def _replay_options(a) -> dict:
+    from .replay import options
+
+    return options(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, family=a.family, exact=a.exact,
+                   allow_nonfinite=a.allow_nonfinite, mtp=not a.no_mtp)
+
+
 def cmd_convert(a) -> int:
     from .convert import convert
 
     hf = _hf_dir(a.hf_dir)
-    out = Path(a.out_dir) if a.out_dir else Path("out") / hf.name
+    out = _out_dir(a, hf)
     if a.quantize:
         a.src, a.out_dir, a.format, a.like = hf, out, a.quantize, None
         return cmd_quantize(a)
@@ -87,10 +98,12 @@ def cmd_convert(a) -> int:
         return 0
     from .layout import manifest, read_args, training_script
 
-    print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then {training_script(read_args(Path(out)))} "
-          f"\"${{MODEL_ARGS[@]}}\" --load {out} --finetune)")
+    return _converted(a, hf, out, training_script(read_args(out)), manifest(out))
 
-    recorded = manifest(out)
+
+def _converted(a, hf: Path, out: Path, script: str, recorded: dict) -> int:
+    print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then {script} \"${{MODEL_ARGS[@]}}\" "
+          f"--load {out} --finetune)")
     for w in [*recorded.get("warnings", []), *recorded.get("megatron_lm_gaps", [])]:
         print(f"WARNING: {w}")
     if a.verify:
@@ -270,8 +283,15 @@ def _run(a) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if a.command == "convert" and a.hf_dir and not a.quantize:
         from .readahead import start
+        from .replay import attempt
 
-        start(Path(a.hf_dir))  # while the imports below run
+        hf = Path(a.hf_dir)
+        start(hf)  # while the imports below run
+        out = _out_dir(a, hf)
+        # a source of a shape converted before: written without torch (replay.py)
+        replayed = attempt(hf, out, _replay_options(a), overwrite=a.overwrite, progress=not a.no_progress)
+        if replayed is not None:
+            return _converted(a, hf, out, *replayed)
     if not (a.command == "inspect" and a.format != "json"):  # the others build a megatron-core model
         from .imports import import_megatron_eager
 

@@ -13,13 +13,14 @@ import torch.distributed as dist
 
 from .derive import derive
 from .atomic import atomic_dir_all_ranks, refuse_existing
-from .byte_copy import DirectWrites, byte_runs, finite
+from .byte_copy import DirectWrites, byte_runs
 from .errors import ConversionError
 from .dequant import open_source
-from .hf_io import HFCheckpoint
-from . import layout, readahead
+from .finite import message, nonfinite
+from .hf_io import DTYPE_NAMES, HFCheckpoint
+from . import layout, readahead, replay
 from .mcore_io import save_streaming
-from .model import parse_dtype
+from .model import DTYPES, parse_dtype
 from .plan import build_plan, check_source, mcore_shapes, with_source_mtp
 from .progress import Progress
 from .rows import read_rows, readable_by_rows, row_sources
@@ -80,7 +81,12 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
                        enabled=progress and rank == 0)
         done: set[str] = set()
-        direct = DirectWrites()
+        dtype_name = next((k for k, v in DTYPES.items() if v == dt), None)
+        record = None if launched_by_torchrun() or dtype_name is None or replay.cache_dir() is None else \
+            replay.Recorder(hf.open_files())
+        if record is not None and plan.copies:
+            record.spoil("copies of tensors are compared at conversion")
+        direct = DirectWrites(record)
 
         def make(name: str) -> torch.Tensor:
             job = plan.jobs[name]
@@ -89,14 +95,17 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
             runs = byte_runs(job, hf, dt)
             if runs is not None:  # the stored bytes as they are: copied file to file when written
                 for s in job.sources if not allow_nonfinite else ():
-                    if not finite(hf.byte_range(s), dt):
-                        _check_finite(job, hf.get(s))  # says how many
+                    if bad := nonfinite(*hf.byte_range(s), DTYPE_NAMES[dt]):
+                        raise ConversionError(message([s], bad, str(dt).removeprefix("torch."), job.mcore))
                 out = direct.placeholder(job.ctx.shape, dt, runs)
-            elif readable_by_rows(job, hf):  # read straight into place
-                out = torch.empty(job.ctx.shape, dtype=dt)
-                read_rows(hf, job, row_sources(job, hf), 0, out)
             else:
-                out = job.to_mcore([hf.get(s).to(dt) for s in job.sources])
+                if record is not None:  # its bytes would be recorded as the checkpoint's own
+                    record.spoil(f"{name} is made in memory")
+                if readable_by_rows(job, hf):  # read straight into place
+                    out = torch.empty(job.ctx.shape, dtype=dt)
+                    read_rows(hf, job, row_sources(job, hf), 0, out)
+                else:
+                    out = job.to_mcore([hf.get(s).to(dt) for s in job.sources])
             if tuple(out.shape) != job.ctx.shape:
                 raise ConversionError(f"{name}: made shape {tuple(out.shape)}, the model needs {job.ctx.shape}")
             if not allow_nonfinite and runs is None:
@@ -118,11 +127,18 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
             left += sorted(set(plan.jobs) - {n for d in everyone for n in d})
             if left:
                 raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
+            recordings = [None] * world if rank == 0 else None
+            if record is not None:
+                dist.gather_object(record.result(), recordings, dst=0)
             if rank == 0:
                 cfg = (hf_dir / "config.json").read_bytes()
-                layout.write_root(tmp, out_dir, spec, ns, settings, cfg, _manifest(
-                    hf_dir, cfg, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world, settings,
-                    not allow_nonfinite))
+                manifest = _manifest(hf_dir, cfg, hf, spec, plan, dt, time.time() - t0, (tp, pp, ep, etp), world,
+                                     settings, not allow_nonfinite)
+                layout.write_root(tmp, out_dir, spec, ns, settings, cfg, manifest)
+                if record is not None:
+                    replay.store(hf_dir, replay.options(tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype_name, family=family,
+                                                        exact=exact, allow_nonfinite=allow_nonfinite, mtp=mtp),
+                                 tmp, recordings, manifest, layout.training_script(ns), out_dir)
         return out_dir
 
 
@@ -145,9 +161,7 @@ def _check_finite(job, t: torch.Tensor) -> None:
     if t.numel() == 0 or all(math.isfinite(v) for v in torch.aminmax(t)):
         return
     bad = t.numel() - int(t.isfinite().sum())
-    raise ConversionError(f"{', '.join(job.sources)} holds {bad} non-finite values (NaN/Inf) as "
-                          f"{str(t.dtype).removeprefix('torch.')} (for {job.mcore}); pass --allow-nonfinite to "
-                          "convert it anyway")
+    raise ConversionError(message(job.sources, bad, str(t.dtype).removeprefix("torch."), job.mcore))
 
 
 def _auto_workers(hf: HFCheckpoint, dt: torch.dtype) -> int:
@@ -176,6 +190,7 @@ def _manifest(hf_dir: Path, cfg: bytes, hf: HFCheckpoint, spec, plan, dt, second
         "mtp_layers": spec.mtp_layers,
         "warnings": list(spec.warnings), "megatron_lm_gaps": layout.gap_lines(spec, settings),
         "seconds": round(seconds, 2), "processes": workers, "checked_finite": finite_checked,
+        "writer": "megatron-core's dist_checkpointing (torch_dist, through PyTorch DCP)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      **{pkg: version(pkg) for pkg in ("megatron-core", "transformers", "safetensors")}},
     }

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ConversionError
-from .shards import INDEX, shard_files
+from .shards import INDEX, read_header, shard_files
 
 
 
@@ -43,7 +43,7 @@ class HFCheckpoint:
             try:
                 with safe_open(str(fp), framework="pt") as h:  # validates the header against the file size
                     keys = list(h.keys())
-                header, data_start = _header(fp)
+                header, data_start = read_header(fp)
             except (SafetensorError, OSError, Exception) as exc:  # safetensors raises several types on bad headers
                 raise ConversionError(f"cannot read {fp}: {exc}") from exc
             self._fds[f] = os.open(fp, os.O_RDONLY)
@@ -79,6 +79,10 @@ class HFCheckpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._info(name)[0]
+
+    def open_files(self) -> dict[Path, int]:
+        """The shard files, each with the descriptor this reader reads it through."""
+        return {self.path / f: fd for f, fd in self._fds.items()}
 
     def _read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Stored rows [start, stop) of `name`, into `out` (contiguous, on the CPU, of the stored dtype) if given."""
@@ -130,16 +134,10 @@ class HFCheckpoint:
         return self._read_rows(name, rows.start, rows.stop)[(slice(None), *index[1:])]
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """The safetensors header (tensor name -> dtype, shape, data offsets) and where the data starts."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
-
-
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}  # as safetensors names them
 
 
 def has_weights(d: Path) -> bool:

@@ -17,10 +17,11 @@ import shlex
 import shutil
 from pathlib import Path
 
-from . import megatron_fields
 from .errors import ConversionError
-from .spec import HOOK_MODULE
 
+# (megatron_fields, which imports torch, is imported where it is used: a replayed conversion writes these files
+# without torch; replay.py)
+HOOK_MODULE = "hf2mcore_spec"  # the --spec module convert writes beside the checkpoint (megatron_hooks.py)
 TRACKER = "latest_checkpointed_iteration.txt"
 ARGS_FILE = "megatron_args.sh"
 MANIFEST = "hf2mcore.json"
@@ -55,6 +56,8 @@ def root_of(ckpt: Path) -> Path:
 
 def common_state(ns: dict) -> dict:
     """What Megatron-LM's load_checkpoint reads from the common state for a --finetune / release load."""
+    from . import megatron_fields
+
     return {"args": megatron_fields.saved_args(ns), "checkpoint_version": 3.0, "iteration": 0}
 
 
@@ -87,11 +90,17 @@ def training_script(ns: dict) -> str:
     return "pretrain_hybrid.py" if ns.get("hybrid_layer_pattern") else "pretrain_gpt.py"
 
 
-def args_text(final: Path, spec, ns: dict, settings: dict | None) -> str:
+def use_line(final: Path, script: str) -> str:
+    """megatron_args.sh's line that says how to use it (the only one that names the output directory)."""
     out = final.resolve()
-    lines = [f"# Megatron-LM arguments derived by hf2mcore for {spec.architecture}",
-             f'# use: source {shlex.quote(str(out / ARGS_FILE))} && torchrun ... {training_script(ns)} '
-             f'"${{MODEL_ARGS[@]}}" --load {shlex.quote(str(out))} --finetune ...']
+    return (f'# use: source {shlex.quote(str(out / ARGS_FILE))} && torchrun ... {script} '
+            f'"${{MODEL_ARGS[@]}}" --load {shlex.quote(str(out))} --finetune ...')
+
+
+def args_text(final: Path, spec, ns: dict, settings: dict | None) -> str:
+    from . import megatron_fields
+
+    lines = [f"# Megatron-LM arguments derived by hf2mcore for {spec.architecture}", use_line(final, training_script(ns))]
     lines += [f"# WARNING: {w}" for w in (*spec.warnings, *gap_lines(spec, settings))]
     if settings is not None:
         lines += [f"# --spec {' '.join(ns['spec'])}: the spec from {HOOK_MODULE}.py beside this file "
@@ -122,6 +131,8 @@ def read_args(root: Path) -> dict | None:
         argv = shlex.split(text[start + len("MODEL_ARGS=("):end], comments=True)
     except ValueError as exc:
         raise ConversionError(f"cannot read {path}: {exc}") from None
+    from . import megatron_fields
+
     return megatron_fields.parse_flags(argv)
 
 
@@ -164,6 +175,8 @@ def megatron_view(root: Path, ckpt: Path) -> tuple[dict, dict | None]:
         args = load_common(ckpt).get("args")
         if args is None:
             raise ConversionError(f"{ckpt} has neither {ARGS_FILE} nor Megatron-LM arguments in its common state")
+        from . import megatron_fields
+
         ns = megatron_fields.from_saved_args(args)
     return ns, hook_settings(root, ns)
 

@@ -50,6 +50,12 @@ def _strategy_class():
                 return self._resolve(obj)
             return super().resolve_data(write_item)
 
+    class Writer(FileSystemWriter):
+        def storage_meta(self):
+            # DCP would record the directory written (here the temporary one, renamed afterwards) and a random save
+            # id; neither is read at load, and without them the files depend on the model alone (replay.py)
+            return None
+
     class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
         """megatron-core's torch_dist strategy with DCP's synchronous writer and a lazy planner (`resolve` makes
         the meta tensors; None when every tensor is real)."""
@@ -82,8 +88,8 @@ def _strategy_class():
                     valid = default_planner._validate_global_plan([], Metadata(state_dict_metadata={}))
                     stack.enter_context(mock.patch.object(default_planner, "_validate_global_plan",
                                                           lambda plan, md: valid))
-                writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, single_file_per_rank=True,
-                                          sync_files=True, **ahead)
+                writer = Writer(str(checkpoint_dir), thread_count=1, single_file_per_rank=True,
+                                sync_files=True, **ahead)
                 if self._direct is not None:
                     writer.fs = self._direct.file_system(writer.fs)
                 try:

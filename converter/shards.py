@@ -1,6 +1,7 @@
-"""Which files of a Hugging Face directory hold its weights: the shards its index names, else every *.safetensors.
+"""Which files of a Hugging Face directory hold its weights (the shards its index names, else every *.safetensors),
+and what each file's header says.
 
-Without torch, so that the command line can start reading them before its imports (readahead.py).
+Without torch: the command line reads them before its imports (readahead.py, replay.py).
 """
 from __future__ import annotations
 
@@ -28,3 +29,10 @@ def shard_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
         if Path(f).is_absolute() or ".." in Path(f).parts or not Path(f).parts:
             raise ConversionError(f"{index} names the shard {f!r}, outside {path}: refused")
     return files, weight_map
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header (tensor name -> dtype, shape, data offsets) and where the data starts."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n

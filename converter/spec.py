@@ -12,12 +12,12 @@ import torch
 
 from . import megatron_fields
 from .errors import ConversionError
+from .layout import HOOK_MODULE
 
 # Megatron-core's llama3 rope scaling hard-codes these (rotary_pos_embedding._apply_scaling defaults).
 MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # MLATransformerConfig's yarn defaults, which no Megatron-LM flag changes
 MCORE_MLA_YARN = {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}
-HOOK_MODULE = "hf2mcore_spec"  # the --spec module convert writes beside the checkpoint (megatron_hooks.py)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -8,6 +9,9 @@ import pytest
 from converter.imports import interpret_triton_without_gpu
 
 interpret_triton_without_gpu()  # Mamba's Triton kernels on the CPU (before torch imports Triton)
+# no records of conversions (replay.py) outside test_replay.py, which sets its own: each test converts through torch,
+# and nothing is written to the user's cache
+os.environ["HF2MCORE_CACHE"] = "off"
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)

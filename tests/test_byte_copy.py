@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from converter import ConversionError, byte_copy, mcore_io
+from converter import ConversionError, byte_copy, finite, kernel_copy, mcore_io
 from converter.convert import convert
 
 conv = importlib.import_module("converter.convert")  # the module (the package's `convert` is the function)
@@ -26,8 +26,8 @@ def _convert(hf, out, monkeypatch, **kw) -> int:
     made = []
 
     class Counted(byte_copy.DirectWrites):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, recorder=None):
+            super().__init__(recorder)
             made.append(self)
 
     monkeypatch.setattr(conv, "DirectWrites", Counted)
@@ -60,12 +60,12 @@ def test_without_the_kernel_copy_the_bytes_are_read_and_written(tiny_models, tmp
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr(byte_copy, "_kernel_copy", True)
+    monkeypatch.setattr(kernel_copy, "_kernel_copy", True)
     reads = []
     pread = os.pread
     monkeypatch.setattr(os, "pread", lambda *a: reads.append(a) or pread(*a))
     convert(hf, tmp_path / "read", dtype="bf16", progress=False)
-    assert reads and byte_copy._kernel_copy is False
+    assert reads and kernel_copy._kernel_copy is False
     assert _files(tmp_path / "kernel") == _files(tmp_path / "read")
 
 
@@ -94,7 +94,8 @@ def test_nonfinite_values_are_found_in_the_copied_bytes(tiny_models, tmp_path, m
     w = t["model.layers.1.mlp.up_proj.weight"]
     w.view(-1)[w.numel() - 3] = float("inf")
     save_file(t, str(bad / "model.safetensors"))
-    monkeypatch.setattr(byte_copy, "_MAPPED", 4096)  # many windows per tensor
+    monkeypatch.setattr(finite, "_MAPPED", 4096)  # many windows per tensor
+    monkeypatch.setattr(finite, "_BLOCK", 1024)  # many blocks per window
     with pytest.raises(ConversionError, match=r"model.layers.1.mlp.up_proj.weight holds 1 non-finite"):
         convert(bad, tmp_path / "out", dtype="bf16", progress=False)
     assert not (tmp_path / "out").exists()
@@ -102,5 +103,26 @@ def test_nonfinite_values_are_found_in_the_copied_bytes(tiny_models, tmp_path, m
     from converter.hf_io import HFCheckpoint
 
     src = HFCheckpoint(bad)
-    assert not byte_copy.finite(src.byte_range("model.layers.1.mlp.up_proj.weight"), torch.bfloat16)
-    assert byte_copy.finite(src.byte_range("model.layers.1.mlp.down_proj.weight"), torch.bfloat16)
+    assert finite.nonfinite(*src.byte_range("model.layers.1.mlp.up_proj.weight"), "BF16") == 1
+    assert finite.nonfinite(*src.byte_range("model.layers.1.mlp.down_proj.weight"), "BF16") == 0
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"])
+def test_nonfinite_counts_what_torch_counts_in_every_float_format(tmp_path, dtype):
+    """The bit patterns finite.py takes for NaN/Inf, against torch's isfinite, with the largest finite values of
+    either sign, zeros of either sign and the smallest subnormals beside them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from converter.hf_io import HFCheckpoint, _DTYPES
+
+    dt = _DTYPES[dtype]
+    info = torch.finfo(dt)
+    special = torch.tensor([info.max, -info.max, 0.0, -0.0, info.smallest_normal / 4, float("nan"), float("inf"),
+                            float("-inf"), 1.0], dtype=torch.float64)
+    values = torch.cat([special, torch.randn(5000, dtype=torch.float64)]).to(dt)
+    values[4000] = float("nan")
+    save_file({"t": values}, str(tmp_path / "t.safetensors"))
+    want = int((~values.double().isfinite()).sum())
+    assert want >= (2 if dtype == "F8_E4M3" else 4)  # e4m3fn has no Inf: it becomes NaN
+    assert finite.nonfinite(*HFCheckpoint(tmp_path).byte_range("t"), dtype) == want

@@ -1,0 +1,363 @@
+"""A conversion replayed without torch: a source of a shape converted before, written from what that conversion did.
+
+When every weight byte of a checkpoint is a run of the source files' bytes (byte_copy.py), every other byte of it
+(DCP's zip records and pickles, .metadata, the common state, megatron_args.sh's flags) depends only on the source's
+shape (config.json, each tensor's name, dtype and shape), the options and the code that wrote it. A conversion
+through megatron-core and DCP records those bytes and where each source run went (`Recorder`, `store`), under a key
+of all of them (`key`). Converting a source of the same shape again (`attempt`) writes the recorded bytes and copies
+the new source's runs between them, with the same NaN/Inf check, space check and atomic publish, in a process that
+never imports torch nor megatron-core: those imports alone took 2-3 s on the 2-core box, against 1.4-2 s for
+copying all of a 2.3 GiB model (RESULTS.md, sessions 8 and 9). The files are those the conversion through torch
+writes for the new source, byte for byte (tests/test_replay.py); the processes that wrote the recorded layout
+(--workers) set how the weights are split into .distcp files, which Megatron-LM reads the same whichever it is.
+
+The records live in $HF2MCORE_CACHE (default ~/.cache/hf2mcore; "off" turns recording and replaying off), the
+newest KEEP of them. A record holds no weight: a conversion that made any tensor in memory (a cast, a transpose,
+dequantization) or under torchrun records nothing.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from . import layout, readahead
+from .atomic import atomic_dir, refuse_existing
+from .errors import ConversionError
+from .finite import message, nonfinite
+from .kernel_copy import copy_range, zeros
+from .launch import launched_by_torchrun
+from .progress import Progress
+from .shards import read_header, shard_files
+
+ENV = "HF2MCORE_CACHE"
+KEEP = 32  # records kept (each holds no weight: kilobytes to a few MiB)
+FORMAT = 1  # of the record itself
+LIT, SRC, ZERO = "lit", "src", "zero"  # segments: recorded bytes, a source tensor's bytes, zero bytes
+_MAX_LITERAL = 256 << 20  # more recorded bytes than this means weights went through memory: not recorded
+_PACKAGES = ("torch", "megatron-core", "transformers", "safetensors", "numpy")
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get(ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "no", "false") else Path(value)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf2mcore"
+
+
+def options(*, tp: int, pp: int, ep: int, etp: int | None, dtype: str, family: str | None, exact: bool,
+            allow_nonfinite: bool, mtp: bool) -> dict:
+    """The options that change what a conversion writes (not --workers: see the module's text)."""
+    return {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "dtype": dtype, "family": family, "exact": exact,
+            "allow_nonfinite": allow_nonfinite, "mtp": mtp}
+
+
+def key(hf_dir: Path, opts: dict) -> str:
+    """What the written files depend on besides the weights' bytes: the format, options, versions, hf2mcore's own
+    code, config.json and every shard's tensor names, dtypes and shapes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT, "options": opts, "versions": _versions(), "code": _code()},
+                        sort_keys=True).encode())
+    h.update((hf_dir / "config.json").read_bytes())
+    files, _ = shard_files(hf_dir)
+    for f in files:
+        header, _ = read_header(hf_dir / f)
+        h.update(json.dumps([f, {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"}],
+                            sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _code() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for f in sorted([*here.glob("*.py"), *(here.parent / "mappings").glob("*.py")]):
+        h.update(f"{f.parent.name}/{f.name}\0".encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+class Recorder:
+    """What one process's DCP streams wrote, file by file: their own bytes, and the source runs they copied, each
+    named by tensor (so that another source of the same shape can stand in)."""
+
+    def __init__(self, files: dict[Path, int]):
+        """files: each shard file and the descriptor the conversion reads it through. Runs are named by the tensors
+        as stored (a reader may present others: slices of packed experts)."""
+        self._spans: dict[int, list[tuple[int, int, str]]] = {}
+        for path, fd in files.items():
+            header, data_start = read_header(path)
+            self._spans[fd] = sorted((data_start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0],
+                                      k) for k, v in header.items() if k != "__metadata__")
+        self._starts = {fd: [s[0] for s in spans] for fd, spans in self._spans.items()}
+        self.files: dict[str, list] = {}
+        self.blob = bytearray()
+        self.spoiled: str | None = None
+        self._ends: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def spoil(self, why: str) -> None:
+        with self._lock:
+            self.spoiled = self.spoiled or why
+            self.files.clear()
+            self.blob = bytearray()
+
+    def _segments(self, name: str, pos: int) -> list | None:
+        if self.spoiled or not name.endswith(".distcp"):  # the other files are read back whole (`store`)
+            return None
+        if self._ends.get(name, 0) != pos:
+            self.spoiled = f"{name} was not written in order"
+            return None
+        return self.files.setdefault(name, [])
+
+    def literal(self, name: str, pos: int, data) -> None:
+        with self._lock:
+            segs = self._segments(name, pos)
+            if segs is None:
+                return
+            data = memoryview(data).cast("B")
+            if segs and segs[-1][0] == LIT and segs[-1][1] + segs[-1][2] == len(self.blob):
+                segs[-1][2] += len(data)
+            else:
+                segs.append([LIT, len(self.blob), len(data)])
+            self.blob += data
+            self._ends[name] = pos + len(data)
+            if len(self.blob) > _MAX_LITERAL:
+                self.spoiled = "more recorded bytes than a layout holds"
+
+    def runs(self, name: str, pos: int, runs, skip: int, n: int) -> None:
+        """Bytes [skip, skip + n) of `runs` (kernel_copy.Run) went to file `name` at `pos`."""
+        with self._lock:
+            segs = self._segments(name, pos)
+            if segs is None:
+                return
+            self._ends[name] = pos + n
+            for fd, offset, length in runs:
+                if skip >= length:
+                    skip -= length
+                    continue
+                take = min(length - skip, n)
+                if fd < 0:
+                    segs.append([ZERO, take])
+                else:
+                    self._by_tensor(segs, fd, offset + skip, take)
+                n, skip = n - take, 0
+                if not n:
+                    return
+
+    def _by_tensor(self, segs: list, fd: int, offset: int, n: int) -> None:
+        spans, starts = self._spans.get(fd, []), self._starts.get(fd, [])
+        while n:
+            i = bisect.bisect_right(starts, offset) - 1
+            if i < 0 or offset >= spans[i][0] + spans[i][1]:
+                self.spoiled = "a copied run lies outside every source tensor"
+                return
+            start, length, tensor = spans[i]
+            take = min(n, start + length - offset)
+            segs.append([SRC, tensor, offset - start, take])
+            offset, n = offset + take, n - take
+
+    def result(self) -> tuple[dict, bytes, str | None]:
+        return self.files, bytes(self.blob), self.spoiled
+
+
+def store(hf_dir: Path, opts: dict, tmp: Path, recordings: list, manifest: dict, script: str, final: Path) -> None:
+    """Record the conversion just written into `tmp` (not yet published as `final`), when every rank's recording
+    holds all of its weight bytes as source runs. A record that cannot be written is only a note."""
+    root = cache_dir()
+    if root is None or any(r is None or r[2] for r in recordings):
+        return
+    try:
+        _store(root / "layouts", key(hf_dir, opts), hf_dir, tmp, recordings, manifest, script, final)
+    except (OSError, ValueError, ConversionError) as exc:
+        print(f"hf2mcore: note: this conversion was not recorded for replaying ({exc})", flush=True)
+
+
+def _store(layouts: Path, k: str, hf_dir: Path, tmp: Path, recordings: list, manifest: dict, script: str,
+           final: Path) -> None:
+    release = layout.release_dir(tmp)
+    blob, streams = bytearray(), {}
+    for files, data, _ in recordings:
+        base = len(blob)
+        blob += data
+        for name, segs in files.items():
+            streams[name] = [[LIT, s[1] + base, s[2]] if s[0] == LIT else s for s in segs]
+    files = []
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = path.relative_to(tmp).as_posix()
+        if rel in (layout.ARGS_FILE, layout.MANIFEST) or path.name == ".hf2mcore-partial":
+            continue
+        if path.parent == release and path.name in streams:
+            segs = streams.pop(path.name)
+            if sum(s[-1] for s in segs) != path.stat().st_size:
+                raise ConversionError(f"the recording of {rel} does not add up to its size")
+        else:
+            segs = [[LIT, len(blob), path.stat().st_size]]
+            blob += path.read_bytes()
+        files.append([rel, segs])
+    if streams:
+        raise ConversionError(f"recorded streams {sorted(streams)} are not files of the checkpoint")
+    for p in (hf_dir, tmp, final):  # nothing of this run's own paths may be replayed into another
+        if os.fsencode(str(p.resolve())) in blob:
+            raise ConversionError(f"the checkpoint's bytes name {p}")
+    args = (tmp / layout.ARGS_FILE).read_text()
+    record = {"format": FORMAT, "files": files, "script": script, "args": args,
+              "args_use": layout.use_line(final, script), "manifest": manifest}
+    layouts.mkdir(parents=True, exist_ok=True)
+    work = layouts / f".tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    (work / "literal.bin").write_bytes(blob)
+    (work / "layout.json").write_text(json.dumps(record))
+    try:
+        work.rename(layouts / k)
+    except OSError:  # recorded meanwhile by another run
+        shutil.rmtree(work, ignore_errors=True)
+    _evict(layouts)
+
+
+def _evict(layouts: Path) -> None:
+    entries = [p for p in layouts.iterdir() if len(p.name) == 64 and (p / "layout.json").is_file()]
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in entries[KEEP:]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class _Source:
+    """The new source's tensors: name -> (open file descriptor, offset, byte count, safetensors dtype)."""
+
+    def __init__(self, hf_dir: Path):
+        files, _ = shard_files(hf_dir)
+        self.fds: list[int] = []
+        self.tensors: dict[str, tuple[int, int, int, str]] = {}
+        for f in files:
+            header, data_start = read_header(hf_dir / f)
+            fd = os.open(hf_dir / f, os.O_RDONLY)
+            self.fds.append(fd)
+            size = os.fstat(fd).st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                if not 0 <= begin <= end <= size - data_start:
+                    raise ConversionError(f"cannot read {hf_dir / f}: tensor {name} lies past the end of the file")
+                self.tensors[name] = (fd, data_start + begin, end - begin, info["dtype"])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
+            progress: bool) -> tuple[str, dict] | None:
+    """Convert by replaying a record of this source's shape, if there is one: (Megatron-LM's training script for it,
+    the manifest written), else None (then nothing was done, and the conversion through torch says what, if
+    anything, is wrong with the input)."""
+    root = cache_dir()
+    if root is None or launched_by_torchrun():
+        return None
+    try:
+        entry = root / "layouts" / key(hf_dir, opts)
+        record = json.loads((entry / "layout.json").read_text())
+        blob = (entry / "literal.bin").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError, ConversionError):
+        return None
+    if record.get("format") != FORMAT:
+        return None
+    os.utime(entry)  # the newest records are kept
+    refuse_existing(out_dir, overwrite, (hf_dir,))
+    src = _Source(hf_dir)
+    try:
+        return record["script"], _replay(hf_dir, out_dir, record, blob, src, opts, overwrite, progress)
+    finally:
+        src.close()
+
+
+def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, src: _Source, opts: dict, overwrite: bool,
+            progress: bool) -> dict:
+    t0 = time.time()
+    files = record["files"]
+    used = list(dict.fromkeys(s[1] for _, segs in files for s in segs if s[0] == SRC))
+    missing = [n for n in used if n not in src.tensors]
+    if missing:  # (the key holds every name: only a file changed since the key was computed)
+        raise ConversionError(f"{len(missing)} source tensors changed during the conversion, e.g. {missing[:3]}")
+    need = sum(s[-1] for _, segs in files for s in segs)
+    total = sum(s[3] for _, segs in files for s in segs if s[0] == SRC)
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def check() -> None:  # beside the copying: numpy's pass and the kernel's copy each take one core
+        for name in used:
+            fd, offset, n, dtype = src.tensors[name]
+            count = nonfinite(fd, offset, n, dtype)
+            if count:
+                bad.append(message([name], count, dtype, "a Megatron tensor"))
+            if bad or stop.is_set():
+                return
+
+    checker = threading.Thread(target=check, name="hf2mcore-finite", daemon=True)
+    with readahead.following(hf_dir) as ahead, atomic_dir(out_dir, overwrite, need, (hf_dir,)) as tmp:
+        if not opts["allow_nonfinite"]:
+            checker.start()
+        bar = Progress(len(files), total, "convert (replayed)", enabled=progress, unit="files")
+        try:
+            for rel, segs in files:
+                path = tmp / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    pos = 0
+                    for seg in segs:
+                        if bad:
+                            raise ConversionError(bad[0])
+                        if seg[0] == LIT:
+                            _write(out, memoryview(blob)[seg[1]:seg[1] + seg[2]], pos)
+                        elif seg[0] == ZERO:
+                            zeros(out, pos, seg[1])
+                        else:
+                            fd, offset, _, _ = src.tensors[seg[1]]
+                            copy_range(fd, offset + seg[2], seg[3], out, pos)
+                            bar.update(seg[3], items=0)
+                            ahead.consumed(seg[3], 0)
+                        pos += seg[-1]
+                    if path.suffix == ".distcp":  # as DCP's writer (sync_files)
+                        os.fsync(out)
+                finally:
+                    os.close(out)
+                bar.update(0)
+        finally:
+            stop.set()
+            if checker.ident is not None:
+                checker.join()
+            bar.close()
+        if bad:
+            raise ConversionError(bad[0])
+        args = record["args"].replace(record["args_use"], layout.use_line(out_dir, record["script"]), 1)
+        (tmp / layout.ARGS_FILE).write_text(args)
+        manifest = {**record["manifest"], "source": str(hf_dir.resolve()), "seconds": round(time.time() - t0, 2),
+                    "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in shard_files(hf_dir)[0]},
+                    "writer": "replayed: the recorded layout of an earlier conversion of this shape (replay.py)"}
+        (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _write(fd: int, data: memoryview, pos: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n

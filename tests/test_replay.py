@@ -1,0 +1,112 @@
+"""A conversion replayed without torch (replay.py): a second source of a shape converted before is written as the
+conversion through megatron-core writes it, byte for byte, with the same checks, and no weight is ever recorded."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny import make_model, tiny_config
+
+LLAMA, MOE = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B"
+# the command line in a fresh interpreter; the last line says whether torch was imported
+CLI = ("import sys; from converter.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); "
+       "sys.exit(rc)")
+
+
+def _cli(cache, *args):
+    env = {**os.environ, "HF2MCORE_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two sources of each shape: the same config, other weights (bf16, as released)."""
+    root = tmp_path_factory.mktemp("replay")
+    return {(name, seed): make_model(tiny_config(name), root / f"{name.replace('/', '_')}_{seed}",
+                                     dtype=torch.bfloat16, seed=seed)
+            for name in (LLAMA, MOE) for seed in (0, 1)}
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,workers", [(LLAMA, 2), (MOE, 1)])
+def test_a_replay_writes_the_files_the_conversion_through_torch_writes(sources, tmp_path, name, workers):
+    cache = tmp_path / "cache"
+    r = _cli(cache, "convert", sources[name, 0], tmp_path / "first", "--workers", workers, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert len(list((cache / "layouts").iterdir())) == 1
+    r = _cli(cache, "convert", sources[name, 1], tmp_path / "replayed", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "False", "a replay imports neither torch nor megatron-core"
+    r = _cli("off", "convert", sources[name, 1], tmp_path / "torch", "--workers", workers, "--no-progress")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True", r.stderr
+    replayed, through_torch = _files(tmp_path / "replayed"), _files(tmp_path / "torch")
+    assert sorted(replayed) == sorted(through_torch)
+    for f in replayed:
+        if f.startswith("release/"):
+            assert replayed[f] == through_torch[f], f
+    manifest = json.loads(replayed["hf2mcore.json"])
+    assert manifest["writer"].startswith("replayed") and manifest["source"] == str(sources[name, 1].resolve())
+    # megatron_args.sh names its own directory, and is otherwise the same
+    args = replayed["megatron_args.sh"].decode()
+    assert str((tmp_path / "replayed").resolve()) in args and "/torch" not in args
+    assert args.replace(str((tmp_path / "replayed").resolve()), "X") == \
+        through_torch["megatron_args.sh"].decode().replace(str((tmp_path / "torch").resolve()), "X")
+    # the weights are the second source's: not the first's recorded
+    first = _files(tmp_path / "first")
+    assert any(replayed[f] != first[f] for f in replayed if f.endswith(".distcp"))
+
+
+def test_a_replay_checks_what_the_conversion_checks(sources, tmp_path):
+    cache = tmp_path / "cache"
+    assert _cli(cache, "convert", sources[LLAMA, 0], tmp_path / "first", "--no-progress").returncode == 0
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((sources[LLAMA, 1] / "config.json").read_bytes())
+    t = load_file(sources[LLAMA, 1] / "model.safetensors")
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    r = _cli(cache, "convert", bad, tmp_path / "out", "--no-progress")
+    assert r.returncode == 2 and r.stdout.strip() == "False", (r.stdout, r.stderr)  # stopped by the replay
+    assert "model.layers.1.mlp.up_proj.weight holds 1 non-finite values" in r.stderr and "--allow-nonfinite" in r.stderr
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    r = _cli(cache, "convert", bad, tmp_path / "allowed", "--no-progress", "--allow-nonfinite")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True", "another key: converted through torch"
+    r = _cli(cache, "convert", sources[LLAMA, 1], tmp_path / "first", "--no-progress")
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr and r.stdout.splitlines()[-1] == "False"
+    # a shard cut short after the key was taken from its header
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_bytes((sources[LLAMA, 1] / "config.json").read_bytes())
+    data = (sources[LLAMA, 1] / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-4096])
+    r = _cli(cache, "convert", cut, tmp_path / "out", "--no-progress")
+    assert r.returncode == 2 and "lies past the end of the file" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_nothing_is_recorded_that_holds_weights_or_does_not_match(sources, tmp_path):
+    cache = tmp_path / "cache"
+    # a cast makes every tensor in memory: its bytes would be weights
+    r = _cli(cache, "convert", sources[LLAMA, 0], tmp_path / "fp32", "--dtype", "fp32", "--no-progress")
+    assert r.returncode == 0 and not (cache / "layouts").exists()
+    assert _cli(cache, "convert", sources[LLAMA, 0], tmp_path / "a", "--no-progress").returncode == 0
+    # another config (one field) is another shape: converted through torch
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((sources[LLAMA, 1] / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))
+    (other / "model.safetensors").symlink_to(sources[LLAMA, 1] / "model.safetensors")
+    r = _cli(cache, "convert", other, tmp_path / "b", "--no-progress")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True"
+    assert json.loads((tmp_path / "b" / "hf2mcore.json").read_text())["writer"].startswith("megatron-core")
+    assert len(list((cache / "layouts").iterdir())) == 2
+    # off: neither recorded nor replayed
+    r = _cli("off", "convert", sources[LLAMA, 1], tmp_path / "c", "--no-progress")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True"
