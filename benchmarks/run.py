@@ -1,6 +1,6 @@
 """Wall time, CPU time and peak RSS of the copy floors (every input byte read and written, synced), of
-`hf2mcore convert` (1 and N processes) and of the peers, each in a fresh process, --repeat rounds that run every
-tool in turn. Prints a markdown table row per tool (or the exact error of one that cannot run) with medians and the
+`hf2mcore convert` (1 and N processes; through torch, and replayed for a shape converted before) and of the peers,
+each in a fresh process, --repeat rounds that run every tool in turn. Prints a markdown table row per tool (or the exact error of one that cannot run) with medians and the
 median of its per-round ratios to the first tool run (the floor), then each tool's per-round ratio to the first
 hf2mcore row.
 
@@ -31,6 +31,7 @@ for name in sorted(os.listdir(src)):
 """
 
 
+REPLAYED = "hf2mcore convert (default, a shape converted before: replayed)"
 STARTUP = ("import converter; from converter.imports import import_megatron_eager; import_megatron_eager(); "
            "import torch.distributed.checkpoint")
 
@@ -74,8 +75,11 @@ def main():
                                                        "(Python's and torch's own files stay cached)")
     a = p.parse_args()
     work = Path(a.work)
+    records = Path(f"{a.work}-records")  # replay.py's records, kept across the rounds (`work` is not)
     convert = [sys.executable, "-m", "converter", "convert", a.hf_dir, str(work / "mc"), "--no-progress",
                "--dtype", "bf16"]
+    replayed = ["env", f"HF2MCORE_REPLAY={records}", *convert]
+    convert = ["env", "HF2MCORE_REPLAY=off", *convert]  # each run through torch, as the first of a shape
     peers = Path(__file__).with_name("peers")
     venvs = Path(__file__).resolve().parent.parent / ".peers"
     tools = {
@@ -86,11 +90,13 @@ def main():
         **{f"hf2mcore convert ({n} process{'es' if n > 1 else ''})": convert + ["--workers", str(n)]
            for n in a.procs},
         "hf2mcore convert (default: --workers auto)": convert,
+        # the same command for a source of a shape converted before (recorded once before the rounds): replay.py
+        REPLAYED: replayed,
         # what every convert run pays before its first byte: the Python imports alone
         "hf2mcore start-up alone (imports)": [sys.executable, "-W", "ignore", "-c", STARTUP],
         **({f"hf2mcore convert at {a.baseline} (1 process)": [
             "env", f"PYTHONPATH={os.pathsep.join([str(Path(a.baseline).resolve()), os.environ.get('PYTHONPATH', '')])}",
-            sys.executable, "-P", *convert[1:], "--workers", "1"]}
+            sys.executable, "-P", *convert[convert.index(sys.executable) + 1:], "--workers", "1"]}
            if a.baseline else {}),
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
@@ -106,6 +112,10 @@ def main():
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
     print(f"input: {a.hf_dir} ({size:.2f} GiB), page cache {'evicted before every run' if a.cold else 'warm'}")
     runs, errors = {name: [] for name in tools}, {}
+    if REPLAYED in tools:
+        shutil.rmtree(records, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(replayed, check=True, stdout=subprocess.DEVNULL)  # through torch: recorded
     # round robin, so every tool sees the same phases of this machine's noisy disk; every other round in reverse,
     # so no tool always runs right after the same one (after `cat`, the kernel is still reclaiming its pages)
     for i in range(a.repeat):
@@ -153,6 +163,7 @@ def main():
             less = statistics.median((x[0] - y[0]) / f[0] for x, y, f in zip(runs[this], runs[start], floor))
             print(f"\n{this} less its start-up, paired to the floor: {less:.2f}x (median over rounds)")
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(records, ignore_errors=True)
 
 
 if __name__ == "__main__":

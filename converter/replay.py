@@ -11,8 +11,8 @@ copying all of a 2.3 GiB model (RESULTS.md, sessions 8 and 9). The files are tho
 writes for the new source, byte for byte (tests/test_replay.py); the processes that wrote the recorded layout
 (--workers) set how the weights are split into .distcp files, which Megatron-LM reads the same whichever it is.
 
-The records live in $HF2MCORE_CACHE (default ~/.cache/hf2mcore; "off" turns recording and replaying off), the
-newest KEEP of them. A record holds no weight: a conversion that made any tensor in memory (a cast, a transpose,
+The records live in $HF2MCORE_REPLAY (default: `layouts` in hf2mcore's cache directory, ~/.cache/hf2mcore; "off"
+turns recording and replaying off), the newest KEEP of them. A record holds no weight: a conversion that made any tensor in memory (a cast, a transpose,
 dequantization) or under torchrun records nothing.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import layout, readahead
 from .atomic import atomic_dir, refuse_existing
+from .default_model import cache_dir
 from .errors import ConversionError
 from .finite import message, nonfinite
 from .kernel_copy import copy_range, zeros
@@ -36,7 +37,7 @@ from .launch import launched_by_torchrun
 from .progress import Progress
 from .shards import read_header, shard_files
 
-ENV = "HF2MCORE_CACHE"
+ENV = "HF2MCORE_REPLAY"
 KEEP = 32  # records kept (each holds no weight: kilobytes to a few MiB)
 FORMAT = 1  # of the record itself
 LIT, SRC, ZERO = "lit", "src", "zero"  # segments: recorded bytes, a source tensor's bytes, zero bytes
@@ -44,11 +45,11 @@ _MAX_LITERAL = 256 << 20  # more recorded bytes than this means weights went thr
 _PACKAGES = ("torch", "megatron-core", "transformers", "safetensors", "numpy")
 
 
-def cache_dir() -> Path | None:
+def records_dir() -> Path | None:
     value = os.environ.get(ENV)
-    if value is not None:
-        return None if value.strip().lower() in ("", "0", "off", "no", "false") else Path(value)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf2mcore"
+    if value is None:
+        return cache_dir() / "layouts"
+    return None if value.strip().lower() in ("", "0", "off", "no", "false") else Path(value)
 
 
 def options(*, tp: int, pp: int, ep: int, etp: int | None, dtype: str, family: str | None, exact: bool,
@@ -180,11 +181,11 @@ class Recorder:
 def store(hf_dir: Path, opts: dict, tmp: Path, recordings: list, manifest: dict, script: str, final: Path) -> None:
     """Record the conversion just written into `tmp` (not yet published as `final`), when every rank's recording
     holds all of its weight bytes as source runs. A record that cannot be written is only a note."""
-    root = cache_dir()
+    root = records_dir()
     if root is None or any(r is None or r[2] for r in recordings):
         return
     try:
-        _store(root / "layouts", key(hf_dir, opts), hf_dir, tmp, recordings, manifest, script, final)
+        _store(root, key(hf_dir, opts), hf_dir, tmp, recordings, manifest, script, final)
     except (OSError, ValueError, ConversionError) as exc:
         print(f"hf2mcore: note: this conversion was not recorded for replaying ({exc})", flush=True)
 
@@ -269,11 +270,11 @@ def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
     """Convert by replaying a record of this source's shape, if there is one: (Megatron-LM's training script for it,
     the manifest written), else None (then nothing was done, and the conversion through torch says what, if
     anything, is wrong with the input)."""
-    root = cache_dir()
+    root = records_dir()
     if root is None or launched_by_torchrun():
         return None
     try:
-        entry = root / "layouts" / key(hf_dir, opts)
+        entry = root / key(hf_dir, opts)
         record = json.loads((entry / "layout.json").read_text())
         blob = (entry / "literal.bin").read_bytes()
     except (OSError, ValueError, KeyError, TypeError, ConversionError):

@@ -11,7 +11,7 @@ from converter.imports import interpret_triton_without_gpu
 interpret_triton_without_gpu()  # Mamba's Triton kernels on the CPU (before torch imports Triton)
 # no records of conversions (replay.py) outside test_replay.py, which sets its own: each test converts through torch,
 # and nothing is written to the user's cache
-os.environ["HF2MCORE_CACHE"] = "off"
+os.environ["HF2MCORE_REPLAY"] = "off"
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)

@@ -18,8 +18,8 @@ CLI = ("import sys; from converter.cli import main; rc = main(sys.argv[1:]); pri
        "sys.exit(rc)")
 
 
-def _cli(cache, *args):
-    env = {**os.environ, "HF2MCORE_CACHE": str(cache)}
+def _cli(records, *args):
+    env = {**os.environ, "HF2MCORE_REPLAY": str(records)}
     return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], capture_output=True, text=True, env=env)
 
 
@@ -38,11 +38,11 @@ def _files(d: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("name,workers", [(LLAMA, 2), (MOE, 1)])
 def test_a_replay_writes_the_files_the_conversion_through_torch_writes(sources, tmp_path, name, workers):
-    cache = tmp_path / "cache"
-    r = _cli(cache, "convert", sources[name, 0], tmp_path / "first", "--workers", workers, "--no-progress")
+    records = tmp_path / "records"
+    r = _cli(records, "convert", sources[name, 0], tmp_path / "first", "--workers", workers, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert len(list((cache / "layouts").iterdir())) == 1
-    r = _cli(cache, "convert", sources[name, 1], tmp_path / "replayed", "--no-progress")
+    assert len(list(records.iterdir())) == 1
+    r = _cli(records, "convert", sources[name, 1], tmp_path / "replayed", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "False", "a replay imports neither torch nor megatron-core"
     r = _cli("off", "convert", sources[name, 1], tmp_path / "torch", "--workers", workers, "--no-progress")
@@ -65,21 +65,21 @@ def test_a_replay_writes_the_files_the_conversion_through_torch_writes(sources, 
 
 
 def test_a_replay_checks_what_the_conversion_checks(sources, tmp_path):
-    cache = tmp_path / "cache"
-    assert _cli(cache, "convert", sources[LLAMA, 0], tmp_path / "first", "--no-progress").returncode == 0
+    records = tmp_path / "records"
+    assert _cli(records, "convert", sources[LLAMA, 0], tmp_path / "first", "--no-progress").returncode == 0
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_bytes((sources[LLAMA, 1] / "config.json").read_bytes())
     t = load_file(sources[LLAMA, 1] / "model.safetensors")
     t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
-    r = _cli(cache, "convert", bad, tmp_path / "out", "--no-progress")
+    r = _cli(records, "convert", bad, tmp_path / "out", "--no-progress")
     assert r.returncode == 2 and r.stdout.strip() == "False", (r.stdout, r.stderr)  # stopped by the replay
     assert "model.layers.1.mlp.up_proj.weight holds 1 non-finite values" in r.stderr and "--allow-nonfinite" in r.stderr
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    r = _cli(cache, "convert", bad, tmp_path / "allowed", "--no-progress", "--allow-nonfinite")
+    r = _cli(records, "convert", bad, tmp_path / "allowed", "--no-progress", "--allow-nonfinite")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True", "another key: converted through torch"
-    r = _cli(cache, "convert", sources[LLAMA, 1], tmp_path / "first", "--no-progress")
+    r = _cli(records, "convert", sources[LLAMA, 1], tmp_path / "first", "--no-progress")
     assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr and r.stdout.splitlines()[-1] == "False"
     # a shard cut short after the key was taken from its header
     cut = tmp_path / "cut"
@@ -87,26 +87,26 @@ def test_a_replay_checks_what_the_conversion_checks(sources, tmp_path):
     (cut / "config.json").write_bytes((sources[LLAMA, 1] / "config.json").read_bytes())
     data = (sources[LLAMA, 1] / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[:-4096])
-    r = _cli(cache, "convert", cut, tmp_path / "out", "--no-progress")
+    r = _cli(records, "convert", cut, tmp_path / "out", "--no-progress")
     assert r.returncode == 2 and "lies past the end of the file" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_nothing_is_recorded_that_holds_weights_or_does_not_match(sources, tmp_path):
-    cache = tmp_path / "cache"
+    records = tmp_path / "records"
     # a cast makes every tensor in memory: its bytes would be weights
-    r = _cli(cache, "convert", sources[LLAMA, 0], tmp_path / "fp32", "--dtype", "fp32", "--no-progress")
-    assert r.returncode == 0 and not (cache / "layouts").exists()
-    assert _cli(cache, "convert", sources[LLAMA, 0], tmp_path / "a", "--no-progress").returncode == 0
+    r = _cli(records, "convert", sources[LLAMA, 0], tmp_path / "fp32", "--dtype", "fp32", "--no-progress")
+    assert r.returncode == 0 and not records.exists()
+    assert _cli(records, "convert", sources[LLAMA, 0], tmp_path / "a", "--no-progress").returncode == 0
     # another config (one field) is another shape: converted through torch
     other = tmp_path / "other"
     other.mkdir()
     cfg = json.loads((sources[LLAMA, 1] / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))
     (other / "model.safetensors").symlink_to(sources[LLAMA, 1] / "model.safetensors")
-    r = _cli(cache, "convert", other, tmp_path / "b", "--no-progress")
+    r = _cli(records, "convert", other, tmp_path / "b", "--no-progress")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True"
     assert json.loads((tmp_path / "b" / "hf2mcore.json").read_text())["writer"].startswith("megatron-core")
-    assert len(list((cache / "layouts").iterdir())) == 2
+    assert len(list(records.iterdir())) == 2
     # off: neither recorded nor replayed
     r = _cli("off", "convert", sources[LLAMA, 1], tmp_path / "c", "--no-progress")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True"
