@@ -141,6 +141,8 @@ class Recorder:
             self._ends[name] = pos + len(data)
             if len(self.blob) > _MAX_LITERAL:
                 self.spoiled = "more recorded bytes than a layout holds"
+                self.files.clear()
+                self.blob = bytearray()
 
     def runs(self, name: str, pos: int, runs, skip: int, n: int) -> None:
         """Bytes [skip, skip + n) of `runs` (kernel_copy.Run) went to file `name` at `pos`."""
@@ -281,6 +283,9 @@ def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
         return None
     if record.get("format") != FORMAT:
         return None
+    for rel, _ in record["files"]:  # a record names files inside the output only
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ConversionError(f"the record {entry} names the file {rel!r} outside the output: remove it")
     os.utime(entry)  # the newest records are kept
     refuse_existing(out_dir, overwrite, (hf_dir,))
     src = _Source(hf_dir)
@@ -352,6 +357,7 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, src: _Source
         args = record["args"].replace(record["args_use"], layout.use_line(out_dir, record["script"]), 1)
         (tmp / layout.ARGS_FILE).write_text(args)
         manifest = {**record["manifest"], "source": str(hf_dir.resolve()), "seconds": round(time.time() - t0, 2),
+                    "processes": 1,
                     "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in shard_files(hf_dir)[0]},
                     "writer": "replayed: the recorded layout of an earlier conversion of this shape (replay.py)"}
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2))
