@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Iterator
 
 from .errors import ConversionError
 
@@ -17,20 +18,27 @@ _kernel_copy = hasattr(os, "copy_file_range")
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
-def copy_runs(runs: list[Run], skip: int, n: int, out: int, pos: int) -> None:
-    """Bytes [skip, skip + n) of the runs, end to end, into file `out` at `pos`."""
+def window(runs: list[Run], skip: int, n: int) -> Iterator[Run]:
+    """The runs that make bytes [skip, skip + n) of the runs put end to end."""
     for fd, offset, length in runs:
         if skip >= length:
             skip -= length
             continue
         take = min(length - skip, n)
+        yield fd, offset + skip, take
+        n, skip = n - take, 0
+        if not n:
+            return
+
+
+def copy_runs(runs: list[Run], skip: int, n: int, out: int, pos: int) -> None:
+    """Bytes [skip, skip + n) of the runs, end to end, into file `out` at `pos`."""
+    for fd, offset, take in window(runs, skip, n):
         if fd < 0:
             zeros(out, pos, take)
         else:
-            copy_range(fd, offset + skip, take, out, pos)
-        pos, n, skip = pos + take, n - take, 0
-        if not n:
-            return
+            copy_range(fd, offset, take, out, pos)
+        pos += take
 
 
 def copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:

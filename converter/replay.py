@@ -32,7 +32,7 @@ from .atomic import atomic_dir, refuse_existing
 from .default_model import cache_dir
 from .errors import ConversionError
 from .finite import message, nonfinite
-from .kernel_copy import copy_range, zeros
+from .kernel_copy import copy_range, window, zeros
 from .launch import launched_by_torchrun
 from .progress import Progress
 from .shards import read_header, shard_files
@@ -151,18 +151,11 @@ class Recorder:
             if segs is None:
                 return
             self._ends[name] = pos + n
-            for fd, offset, length in runs:
-                if skip >= length:
-                    skip -= length
-                    continue
-                take = min(length - skip, n)
+            for fd, offset, take in window(runs, skip, n):
                 if fd < 0:
                     segs.append([ZERO, take])
                 else:
-                    self._by_tensor(segs, fd, offset + skip, take)
-                n, skip = n - take, 0
-                if not n:
-                    return
+                    self._by_tensor(segs, fd, offset, take)
 
     def _by_tensor(self, segs: list, fd: int, offset: int, n: int) -> None:
         spans, starts = self._spans.get(fd, []), self._starts.get(fd, [])
