@@ -83,7 +83,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         done: set[str] = set()
         dtype_name = next((k for k, v in DTYPES.items() if v == dt), None)
         record = None if launched_by_torchrun() or dtype_name is None or replay.records_dir() is None else \
-            replay.Recorder(hf.open_files())
+            replay.Recorder(hf.spans())
         if record is not None and plan.copies:
             record.spoil("copies of tensors are compared at conversion")
         direct = DirectWrites(record)

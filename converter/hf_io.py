@@ -80,9 +80,14 @@ class HFCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._info(name)[0]
 
-    def open_files(self) -> dict[Path, int]:
-        """The shard files, each with the descriptor this reader reads it through."""
-        return {self.path / f: fd for f, fd in self._fds.items()}
+    def spans(self) -> dict[int, list[tuple[int, int, str]]]:
+        """Each shard's descriptor (the one this reader reads through) -> (byte offset, byte count, tensor name)
+        of every tensor stored in it, by offset."""
+        out: dict[int, list[tuple[int, int, str]]] = {fd: [] for fd in self._fds.values()}
+        for name, f in self.file_of.items():
+            dtype, shape, offset = self._meta[name]
+            out[self._fds[f]].append((offset, dtype.itemsize * math.prod(shape), name))
+        return {fd: sorted(s) for fd, s in out.items()}
 
     def _read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Stored rows [start, stop) of `name`, into `out` (contiguous, on the CPU, of the stored dtype) if given."""

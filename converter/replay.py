@@ -59,16 +59,19 @@ def options(*, tp: int, pp: int, ep: int, etp: int | None, dtype: str, family: s
             "allow_nonfinite": allow_nonfinite, "mtp": mtp}
 
 
-def key(hf_dir: Path, opts: dict) -> str:
+def headers(hf_dir: Path) -> list[tuple[str, dict, int]]:
+    """Each shard's file name, safetensors header and data start: read once for the key and the source."""
+    return [(f, *read_header(hf_dir / f)) for f in shard_files(hf_dir)[0]]
+
+
+def key(hf_dir: Path, opts: dict, shards: list[tuple[str, dict, int]]) -> str:
     """What the written files depend on besides the weights' bytes: the format, options, versions, hf2mcore's own
-    code, config.json and every shard's tensor names, dtypes and shapes."""
+    code, config.json and every shard's tensor names, dtypes and shapes (`shards`: headers())."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT, "options": opts, "versions": _versions(), "code": _code()},
                         sort_keys=True).encode())
     h.update((hf_dir / "config.json").read_bytes())
-    files, _ = shard_files(hf_dir)
-    for f in files:
-        header, _ = read_header(hf_dir / f)
+    for f, header, _ in shards:
         h.update(json.dumps([f, {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"}],
                             sort_keys=True).encode())
     return h.hexdigest()
@@ -98,14 +101,10 @@ class Recorder:
     """What one process's DCP streams wrote, file by file: their own bytes, and the source runs they copied, each
     named by tensor (so that another source of the same shape can stand in)."""
 
-    def __init__(self, files: dict[Path, int]):
-        """files: each shard file and the descriptor the conversion reads it through. Runs are named by the tensors
-        as stored (a reader may present others: slices of packed experts)."""
-        self._spans: dict[int, list[tuple[int, int, str]]] = {}
-        for path, fd in files.items():
-            header, data_start = read_header(path)
-            self._spans[fd] = sorted((data_start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0],
-                                      k) for k, v in header.items() if k != "__metadata__")
+    def __init__(self, spans: dict[int, list[tuple[int, int, str]]]):
+        """spans: HFCheckpoint.spans(), where each tensor as stored lies in the descriptors the conversion reads
+        through. Runs are named by those tensors (a reader may present others: slices of packed experts)."""
+        self._spans = spans
         self._starts = {fd: [s[0] for s in spans] for fd, spans in self._spans.items()}
         self.files: dict[str, list] = {}
         self.blob = bytearray()
@@ -180,7 +179,7 @@ def store(hf_dir: Path, opts: dict, tmp: Path, recordings: list, manifest: dict,
     if root is None or any(r is None or r[2] for r in recordings):
         return
     try:
-        _store(root, key(hf_dir, opts), hf_dir, tmp, recordings, manifest, script, final)
+        _store(root, key(hf_dir, opts, headers(hf_dir)), hf_dir, tmp, recordings, manifest, script, final)
     except (OSError, ValueError, ConversionError) as exc:
         print(f"hf2mcore: note: this conversion was not recorded for replaying ({exc})", flush=True)
 
@@ -238,12 +237,10 @@ def _evict(layouts: Path) -> None:
 class _Source:
     """The new source's tensors: name -> (open file descriptor, offset, byte count, safetensors dtype)."""
 
-    def __init__(self, hf_dir: Path):
-        files, _ = shard_files(hf_dir)
+    def __init__(self, hf_dir: Path, shards: list[tuple[str, dict, int]]):
         self.fds: list[int] = []
         self.tensors: dict[str, tuple[int, int, int, str]] = {}
-        for f in files:
-            header, data_start = read_header(hf_dir / f)
+        for f, header, data_start in shards:
             fd = os.open(hf_dir / f, os.O_RDONLY)
             self.fds.append(fd)
             size = os.fstat(fd).st_size
@@ -269,7 +266,8 @@ def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
     if root is None or launched_by_torchrun():
         return None
     try:
-        entry = root / key(hf_dir, opts)
+        shards = headers(hf_dir)
+        entry = root / key(hf_dir, opts, shards)
         record = json.loads((entry / "layout.json").read_text())
         blob = (entry / "literal.bin").read_bytes()
     except (OSError, ValueError, KeyError, TypeError, ConversionError):
@@ -281,7 +279,7 @@ def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
             raise ConversionError(f"the record {entry} names the file {rel!r} outside the output: remove it")
     os.utime(entry)  # the newest records are kept
     refuse_existing(out_dir, overwrite, (hf_dir,))
-    src = _Source(hf_dir)
+    src = _Source(hf_dir, shards)
     try:
         return record["script"], _replay(hf_dir, out_dir, record, blob, src, opts, overwrite, progress)
     finally:

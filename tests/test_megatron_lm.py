@@ -4,6 +4,7 @@ a checkpoint Megatron-LM's save_checkpoint writes exports back to HF bit for bit
 
 The single-process cases are judged in one Megatron-LM process (session fixture `verdicts`); each test asserts
 its own case."""
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,8 @@ CHECKPOINT_ARGS = ("transformers:glm4_moe:Glm4MoeForCausalLM", "deepseek-ai/Deep
                    "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3")
 # models whose Megatron-LM save_checkpoint is exported back: a stacked-MoE GPT model, a hybrid MoE model
 SAVED = ("Qwen/Qwen3-30B-A3B", "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3")
+# the family whose checkpoint is also written by replaying a record of its conversion (replay.py), without torch
+REPLAYED = SAVED[0]
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +99,20 @@ def assert_judged(r, ref, tol=1e-5):
     assert err < tol and top1 == 1.0, (err, top1)
 
 
+@contextlib.contextmanager
+def _recording(records):
+    """Conversions inside record their layout in `records` (replay.py; the tests run with it off)."""
+    before = os.environ.get("HF2MCORE_REPLAY")
+    if records is not None:
+        os.environ["HF2MCORE_REPLAY"] = str(records)
+    try:
+        yield
+    finally:
+        os.environ.pop("HF2MCORE_REPLAY", None)
+        if before is not None:
+            os.environ["HF2MCORE_REPLAY"] = before
+
+
 @pytest.fixture(scope="session")
 def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
     """Every family's tiny model converted as written (and with --exact where the flags cannot say everything),
@@ -115,7 +132,14 @@ def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
         hf = tiny_models(name)
         spec, d = derive(hf), root / name.replace("/", "_").replace(":", "_").replace("#", "_")
         ids = ids_for(spec.vocab_size)
-        add(name, "plain", convert(hf, d / "mc", dtype="fp32", progress=False), ids)
+        with _recording(root / "records" if name == REPLAYED else None):
+            add(name, "plain", convert(hf, d / "mc", dtype="fp32", progress=False), ids)
+        if name == REPLAYED:  # the command line, which replays that record without torch
+            r = subprocess.run([sys.executable, "-m", "converter", "convert", hf, d / "replayed", "--dtype", "fp32",
+                                "--no-progress"], capture_output=True, text=True,
+                               env={**os.environ, "HF2MCORE_REPLAY": str(root / "records")})
+            assert r.returncode == 0, r.stderr
+            add(name, "replayed", d / "replayed", ids)
         if spec.gaps():
             add(name, "exact", convert(hf, d / "exact", dtype="fp32", progress=False, exact=True), ids)
         if name in CHECKPOINT_ARGS:
@@ -167,6 +191,20 @@ def test_smollm2_in_megatron_lm(smollm2, verdicts):
     (j, _, ids) = verdicts["smollm2"]["plain"]
     assert ids.shape[1] > 50
     assert_judged(verdict(j), hf_logits(smollm2, ids))
+
+
+def test_a_replayed_checkpoint_in_megatron_lm(tiny_models, verdicts):
+    """The command line's replay of a recorded conversion (no torch, no megatron-core) writes a checkpoint that
+    Megatron-LM loads strictly from its megatron_args.sh and that computes HF's logits; its files are the
+    conversion's own."""
+    (j, out, ids) = verdicts[REPLAYED]["replayed"]
+    assert json.loads((out / "hf2mcore.json").read_text())["writer"].startswith("replayed")
+    plain = verdicts[REPLAYED]["plain"][1]
+    files = sorted(p.relative_to(out) for p in (out / "release").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(plain) for p in (plain / "release").rglob("*") if p.is_file())
+    for f in files:
+        assert (out / f).read_bytes() == (plain / f).read_bytes(), f
+    assert_judged(verdict(j), hf_logits(tiny_models(REPLAYED), ids))
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_ARGS)
