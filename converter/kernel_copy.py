@@ -1,11 +1,16 @@
 """Byte runs of open files copied into a file at a position, inside the kernel (os.copy_file_range) where it can.
 
 Without torch: the conversion through megatron-core (byte_copy.py) and a replayed one (replay.py) copy the same way.
+Each piece copied is handed to the disk at once (sync_file_range, which does not wait): otherwise the kernel holds
+the dirty pages until the final fsync, and writes the whole file to disk only after the copying has stopped
+(RESULTS.md session 12: the copy and fsync of the Llama-3.2-1B shape in 0.78x the time, paired).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import sys
 from typing import Iterator
 
 from .errors import ConversionError
@@ -13,6 +18,7 @@ from .errors import ConversionError
 Run = tuple[int, int, int]  # (file descriptor, offset, byte count); descriptor -1: that many zero bytes
 
 _CHUNK = 256 << 20  # bytes read at once where the kernel cannot copy
+_STEP = 64 << 20  # bytes copied before their writeback starts
 _kernel_copy = hasattr(os, "copy_file_range")
 # what copy_file_range answers where it cannot copy between these two files (another file system, old kernels)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
@@ -41,13 +47,34 @@ def copy_runs(runs: list[Run], skip: int, n: int, out: int, pos: int) -> None:
         pos += take
 
 
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_range = _sync_file_range()
+_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start the writeback of the range's dirty pages, without waiting for it
+
+
+def start_writeback(out: int, pos: int, n: int) -> None:
+    """Start writing bytes [pos, pos + n) of `out` to disk (best effort: an error only leaves it to fsync)."""
+    if _sync_range is not None:
+        _sync_range(out, pos, n, _WRITE)
+
+
 def copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:
     global _kernel_copy
     while n:
         done = None
         if _kernel_copy:
             try:
-                done = os.copy_file_range(src, out, n, offset, pos)
+                done = os.copy_file_range(src, out, min(n, _STEP), offset, pos)
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_COPY:
                     raise
@@ -56,6 +83,7 @@ def copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:
             done = os.pwrite(out, os.pread(src, min(n, _CHUNK), offset), pos)
         if done == 0:
             raise ConversionError("a source file ended early while being copied (changed during the conversion?)")
+        start_writeback(out, pos, done)
         offset, pos, n = offset + done, pos + done, n - done
 
 
