@@ -80,6 +80,12 @@ def main():
                "--dtype", "bf16"]
     replayed = ["env", f"HF2MCORE_REPLAY={records}", *convert]
     convert = ["env", "HF2MCORE_REPLAY=off", *convert]  # each run through torch, as the first of a shape
+
+    def baseline(cmd):  # the baseline's code first on the path, and not this checkout's (-P: not the working directory)
+        path = os.pathsep.join([str(Path(a.baseline).resolve()), os.environ.get("PYTHONPATH", "")])
+        i = cmd.index(sys.executable)
+        return ["env", f"PYTHONPATH={path}", *cmd[:i + 1], "-P", *cmd[i + 1:]]
+
     peers = Path(__file__).with_name("peers")
     venvs = Path(__file__).resolve().parent.parent / ".peers"
     tools = {
@@ -94,9 +100,9 @@ def main():
         REPLAYED: replayed,
         # what every convert run pays before its first byte: the Python imports alone
         "hf2mcore start-up alone (imports)": [sys.executable, "-W", "ignore", "-c", STARTUP],
-        **({f"hf2mcore convert at {a.baseline} (1 process)": [
-            "env", f"PYTHONPATH={os.pathsep.join([str(Path(a.baseline).resolve()), os.environ.get('PYTHONPATH', '')])}",
-            sys.executable, "-P", *convert[convert.index(sys.executable) + 1:], "--workers", "1"]}
+        **({f"hf2mcore convert at {a.baseline} (1 process)": baseline(convert + ["--workers", "1"]),
+            f"hf2mcore convert at {a.baseline} (default, replayed)": baseline(
+                ["env", f"HF2MCORE_REPLAY={records}-baseline", *replayed[2:]])}
            if a.baseline else {}),
         "ModelOpt import_mcore_gpt_from_hf + megatron-core save": [
             sys.executable, str(Path(__file__).with_name("peer_modelopt.py")), a.hf_dir, str(work / "peer")],
@@ -112,10 +118,12 @@ def main():
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
     print(f"input: {a.hf_dir} ({size:.2f} GiB), page cache {'evicted before every run' if a.cold else 'warm'}")
     runs, errors = {name: [] for name in tools}, {}
-    if REPLAYED in tools:
-        shutil.rmtree(records, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-        subprocess.run(replayed, check=True, stdout=subprocess.DEVNULL)  # through torch: recorded
+    shutil.rmtree(records, ignore_errors=True)
+    shutil.rmtree(f"{records}-baseline", ignore_errors=True)
+    for name, cmd in tools.items():
+        if "replayed" in name:  # through torch once: recorded
+            shutil.rmtree(work, ignore_errors=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     # round robin, so every tool sees the same phases of this machine's noisy disk; every other round in reverse,
     # so no tool always runs right after the same one (after `cat`, the kernel is still reclaiming its pages)
     for i in range(a.repeat):
