@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import platform
 import time
@@ -183,7 +182,7 @@ def _manifest(hf_dir: Path, cfg: bytes, hf: HFCheckpoint, spec, plan, dt, second
         "tool": "hf2mcore", "source": str(hf_dir.resolve()), "architecture": spec.architecture,
         "family": spec.family, "dtype": str(dt).removeprefix("torch."),
         "parallel": dict(zip(("tp", "pp", "ep", "etp"), par)),
-        "config_sha256": hashlib.sha256(cfg).hexdigest(),
+        "config_sha256": layout.config_hash(cfg),
         "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in sorted(set(hf.file_of.values()))},
         "tensors": {"hf": len(plan.hf_names()), "megatron": len(plan.jobs), "ignored": list(plan.ignored),
                     "copies": plan.copies},

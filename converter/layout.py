@@ -12,6 +12,7 @@ directory: what Megatron-LM builds is then read from its saved args.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import shutil
@@ -72,6 +73,11 @@ def write_root(tmp: Path, final: Path, spec, ns: dict, settings: dict | None, hf
     (tmp / HF_CONFIG).write_bytes(hf_config if hf_config is not None else json.dumps(spec.hf_config, indent=2).encode())
     if manifest is not None:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def config_hash(hf_config: bytes) -> str:
+    """The manifest's config_sha256: of the source's config.json as written to hf_config.json."""
+    return hashlib.sha256(hf_config).hexdigest()
 
 
 def gap_lines(spec, settings: dict | None) -> list[str]:

@@ -2,13 +2,16 @@
 
 When every weight byte of a checkpoint is a run of the source files' bytes (byte_copy.py), every other byte of it
 (DCP's zip records and pickles, .metadata, the common state, megatron_args.sh's flags) depends only on the source's
-shape (config.json, each tensor's name, dtype and shape), the options and the code that wrote it. A conversion
+shape (config.json less the fields no conversion reads, each tensor's name, dtype and shape), the options and the
+code that wrote it. A conversion
 through megatron-core and DCP records those bytes and where each source run went (`Recorder`, `store`), under a key
 of all of them (`key`). Converting a source of the same shape again (`attempt`) writes the recorded bytes and copies
 the new source's runs between them, with the same NaN/Inf check, space check and atomic publish, in a process that
 never imports torch nor megatron-core: those imports alone took 2-3 s on the 2-core box, against 1.4-2 s for
 copying all of a 2.3 GiB model (RESULTS.md, sessions 8 and 9). The files are those the conversion through torch
-writes for the new source, byte for byte (tests/test_replay.py); the processes that wrote the recorded layout
+writes for the new source, byte for byte (tests/test_replay.py), its own config.json as hf_config.json included: a
+base model and its instruct release differ only in fields no conversion reads (UNREAD), so the second of them is
+replayed from the first; the processes that wrote the recorded layout
 (--workers) set how the weights are split into .distcp files, which Megatron-LM reads the same whichever it is.
 
 The records live in $HF2MCORE_REPLAY (default: `layouts` in hf2mcore's cache directory, ~/.cache/hf2mcore; "off"
@@ -39,10 +42,15 @@ from .shards import read_header, shard_files
 
 ENV = "HF2MCORE_REPLAY"
 KEEP = 32  # records kept (each holds no weight: kilobytes to a few MiB)
-FORMAT = 1  # of the record itself
+FORMAT = 2  # of the record itself (2: hf_config.json is the source's, not recorded)
 LIT, SRC, ZERO = "lit", "src", "zero"  # segments: recorded bytes, a source tensor's bytes, zero bytes
 _MAX_LITERAL = 256 << 20  # more recorded bytes than this means weights went through memory: not recorded
 _PACKAGES = ("torch", "megatron-core", "transformers", "safetensors", "numpy")
+# config.json fields that neither derive, the mappings nor the plan read (tests/test_replay.py derives every real
+# config with them changed): they reach the output only as hf_config.json, which a replay writes from the source.
+# Llama-3.2-1B and its Instruct release differ in eos_token_id alone; Llama-3.1's also in transformers_version.
+UNREAD = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
+          "pad_token_id", "use_cache")
 
 
 def records_dir() -> Path | None:
@@ -64,17 +72,31 @@ def headers(hf_dir: Path) -> list[tuple[str, dict, int]]:
     return [(f, *read_header(hf_dir / f)) for f in shard_files(hf_dir)[0]]
 
 
-def key(hf_dir: Path, opts: dict, shards: list[tuple[str, dict, int]]) -> str:
-    """What the written files depend on besides the weights' bytes: the format, options, versions, hf2mcore's own
-    code, config.json and every shard's tensor names, dtypes and shapes (`shards`: headers())."""
+def key(config: bytes, opts: dict, shards: list[tuple[str, dict, int]]) -> str:
+    """What the written files depend on besides the weights' bytes and hf_config.json: the format, options,
+    versions, hf2mcore's own code, config.json's fields less UNREAD (`config`: its bytes) and every shard's tensor
+    names, dtypes and shapes (`shards`: headers()). ValueError: config.json is not JSON."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "options": opts, "versions": _versions(), "code": _code()},
-                        sort_keys=True).encode())
-    h.update((hf_dir / "config.json").read_bytes())
+    h.update(json.dumps({"format": FORMAT, "options": opts, "versions": _versions(), "code": _code(),
+                         "config": read_fields(config)}, sort_keys=True).encode())
     for f, header, _ in shards:
         h.update(json.dumps([f, {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"}],
                             sort_keys=True).encode())
     return h.hexdigest()
+
+
+def read_fields(config: bytes):
+    """config.json's fields that a conversion may read: all but UNREAD, also in a multimodal `text_config`
+    (derive reads the language model's fields from there)."""
+    cfg = json.loads(config)
+
+    def read(d):
+        return {k: v for k, v in d.items() if k not in UNREAD} if isinstance(d, dict) else d
+
+    cfg = read(cfg)
+    if isinstance(cfg, dict) and "text_config" in cfg:
+        cfg["text_config"] = read(cfg["text_config"])
+    return cfg
 
 
 def _versions() -> dict:
@@ -179,7 +201,8 @@ def store(hf_dir: Path, opts: dict, tmp: Path, recordings: list, manifest: dict,
     if root is None or any(r is None or r[2] for r in recordings):
         return
     try:
-        _store(root, key(hf_dir, opts, headers(hf_dir)), hf_dir, tmp, recordings, manifest, script, final)
+        _store(root, key((tmp / layout.HF_CONFIG).read_bytes(), opts, headers(hf_dir)), hf_dir, tmp, recordings,
+               manifest, script, final)
     except (OSError, ValueError, ConversionError) as exc:
         print(f"hf2mcore: note: this conversion was not recorded for replaying ({exc})", flush=True)
 
@@ -196,7 +219,7 @@ def _store(layouts: Path, k: str, hf_dir: Path, tmp: Path, recordings: list, man
     files = []
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = path.relative_to(tmp).as_posix()
-        if rel in (layout.ARGS_FILE, layout.MANIFEST) or path.name == ".hf2mcore-partial":
+        if rel in (layout.ARGS_FILE, layout.MANIFEST, layout.HF_CONFIG) or path.name == ".hf2mcore-partial":
             continue
         if path.parent == release and path.name in streams:
             segs = streams.pop(path.name)
@@ -266,8 +289,9 @@ def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
     if root is None or launched_by_torchrun():
         return None
     try:
+        config = (hf_dir / "config.json").read_bytes()  # read once: the key's, and hf_config.json's bytes
         shards = headers(hf_dir)
-        entry = root / key(hf_dir, opts, shards)
+        entry = root / key(config, opts, shards)
         record = json.loads((entry / "layout.json").read_text())
         blob = (entry / "literal.bin").read_bytes()
     except (OSError, ValueError, KeyError, TypeError, ConversionError):
@@ -281,13 +305,13 @@ def attempt(hf_dir: Path, out_dir: Path, opts: dict, *, overwrite: bool,
     refuse_existing(out_dir, overwrite, (hf_dir,))
     src = _Source(hf_dir, shards)
     try:
-        return record["script"], _replay(hf_dir, out_dir, record, blob, src, opts, overwrite, progress)
+        return record["script"], _replay(hf_dir, out_dir, record, blob, config, src, opts, overwrite, progress)
     finally:
         src.close()
 
 
-def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, src: _Source, opts: dict, overwrite: bool,
-            progress: bool) -> dict:
+def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: bytes, src: _Source, opts: dict,
+            overwrite: bool, progress: bool) -> dict:
     t0 = time.time()
     files = record["files"]
     used = list(dict.fromkeys(s[1] for _, segs in files for s in segs if s[0] == SRC))
@@ -347,7 +371,9 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, src: _Source
             raise ConversionError(bad[0])
         args = record["args"].replace(record["args_use"], layout.use_line(out_dir, record["script"]), 1)
         (tmp / layout.ARGS_FILE).write_text(args)
-        manifest = {**record["manifest"], "source": str(hf_dir.resolve()), "seconds": round(time.time() - t0, 2),
+        (tmp / layout.HF_CONFIG).write_bytes(config)
+        manifest = {**record["manifest"], "source": str(hf_dir.resolve()), "config_sha256": layout.config_hash(config),
+                    "seconds": round(time.time() - t0, 2),
                     "processes": 1,
                     "source_files": {f: {"bytes": (hf_dir / f).stat().st_size} for f in shard_files(hf_dir)[0]},
                     "writer": "replayed: the recorded layout of an earlier conversion of this shape (replay.py)"}

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import make_model, tiny_config
+from converter import derive
+from converter.replay import UNREAD, read_fields
+from tiny import CONFIGS, make_model, tiny_config
 
 LLAMA, MOE = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B"
 # the command line in a fresh interpreter; the last line says whether torch was imported
@@ -23,13 +25,23 @@ def _cli(records, *args):
     return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], capture_output=True, text=True, env=env)
 
 
+# what an instruct release changes of its base model's config.json (Llama-3.1-8B -> -Instruct)
+INSTRUCT = {"eos_token_id": [128001, 128008, 128009], "transformers_version": "4.42.3"}
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """Two sources of each shape: the same config, other weights (bf16, as released)."""
+    """Two sources of each shape, bf16 as released: other weights, and the second's config.json that of an instruct
+    release of the first (it differs in fields no conversion reads)."""
     root = tmp_path_factory.mktemp("replay")
-    return {(name, seed): make_model(tiny_config(name), root / f"{name.replace('/', '_')}_{seed}",
-                                     dtype=torch.bfloat16, seed=seed)
-            for name in (LLAMA, MOE) for seed in (0, 1)}
+    out = {}
+    for name in (LLAMA, MOE):
+        for seed in (0, 1):
+            out[name, seed] = make_model(tiny_config(name), root / f"{name.replace('/', '_')}_{seed}",
+                                         dtype=torch.bfloat16, seed=seed)
+        path = out[name, 1] / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **INSTRUCT}, indent=1))
+    return out
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -50,10 +62,13 @@ def test_a_replay_writes_the_files_the_conversion_through_torch_writes(sources, 
     replayed, through_torch = _files(tmp_path / "replayed"), _files(tmp_path / "torch")
     assert sorted(replayed) == sorted(through_torch)
     for f in replayed:
-        if f.startswith("release/"):
+        if f.startswith("release/") or f == "hf_config.json":
             assert replayed[f] == through_torch[f], f
-    manifest = json.loads(replayed["hf2mcore.json"])
+    assert replayed["hf_config.json"] == (sources[name, 1] / "config.json").read_bytes()  # its own, not the first's
+    manifest, theirs = json.loads(replayed["hf2mcore.json"]), json.loads(through_torch["hf2mcore.json"])
     assert manifest["writer"].startswith("replayed") and manifest["source"] == str(sources[name, 1].resolve())
+    own = ("source", "seconds", "processes", "writer")  # of the run, not of the checkpoint
+    assert {k: v for k, v in manifest.items() if k not in own} == {k: v for k, v in theirs.items() if k not in own}
     # megatron_args.sh names its own directory, and is otherwise the same
     args = replayed["megatron_args.sh"].decode()
     assert str((tmp_path / "replayed").resolve()) in args and "/torch" not in args
@@ -110,3 +125,31 @@ def test_nothing_is_recorded_that_holds_weights_or_does_not_match(sources, tmp_p
     # off: neither recorded nor replayed
     r = _cli("off", "convert", sources[LLAMA, 1], tmp_path / "c", "--no-progress")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*/*/config.json")), ids=lambda p: p.parent.name)
+def test_no_conversion_reads_the_fields_the_key_leaves_out(config):
+    """What the key leaves out (UNREAD) changes nothing derive makes of a real config: changed or left out, the
+    Megatron view is the same (the plan and the mappings see only the spec)."""
+    cfg = json.loads(config.read_text())
+    try:
+        base = derive(cfg)
+    except Exception as exc:  # refused (by name, test_derive.py): then whatever the fields, refused the same
+        with pytest.raises(type(exc)):
+            derive({**cfg, **{f: 7 for f in UNREAD}})
+        return
+
+    def view(spec):
+        return spec, spec.megatron_namespace(), spec.hook_settings(), spec.hook_settings(exact=True), spec.warnings
+
+    def everywhere(c, change):  # the top level, and a multimodal config's text_config, where derive reads too
+        out = change(dict(c))
+        if isinstance(out.get("text_config"), dict):
+            out["text_config"] = change(dict(out["text_config"]))
+        return out
+
+    for value in (7, "x", [1, 2], None):
+        assert view(derive(everywhere(cfg, lambda d: {**d, **{f: value for f in UNREAD}}))) == view(base), value
+    left_out = everywhere(cfg, lambda d: {k: v for k, v in d.items() if k not in UNREAD})
+    assert view(derive(left_out)) == view(base)
+    assert read_fields(json.dumps(left_out).encode()) == read_fields(config.read_bytes())
