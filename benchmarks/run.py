@@ -52,6 +52,21 @@ def measure(cmd):
     return wall, cpu, after.ru_maxrss / 1024, kernel  # MiB: maxrss of the largest child so far
 
 
+def settle(path: Path, timeout: float = 60.0) -> None:
+    """Sync, then wait until the disk under `path` has had no request in flight for half a second: the removal of
+    the previous run's output (its TRIM, on a file system mounted with `discard`) must not land in the next run,
+    whichever tool that is (RESULTS.md session 13)."""
+    os.sync()
+    st = os.stat(path).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(st)}:{os.minor(st)}/stat")
+    if not stat.exists():  # a partition's queue counts in its own stat file; nothing to read: the sync only
+        return
+    quiet, end = 0, time.monotonic() + timeout
+    while quiet < 5 and time.monotonic() < end:
+        quiet = quiet + 1 if int(stat.read_text().split()[8]) == 0 else 0  # field 9: I/Os in flight
+        time.sleep(0.1)
+
+
 def evict(hf_dir: Path) -> None:
     for f in hf_dir.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
@@ -134,6 +149,7 @@ def main():
             work.mkdir(parents=True)
             if a.cold:
                 evict(Path(a.hf_dir))
+            settle(work)
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
             r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True)
             if r.returncode:
