@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a) -> int:
     _quiet()
+    from .imports import cache_bytecode
+
+    cache_bytecode()  # before the imports it spares
     if a.command in ("inspect", "export") or (a.command == "convert" and not a.quantize):
         # File work only: no process (nor --workers rank) sets up CUDA or binds to a GPU it does not need.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

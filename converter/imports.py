@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -51,3 +52,24 @@ def interpret_triton_without_gpu() -> None:
     imports Triton). A process that imported torch first gets runtime.check_cpu_kernels' error instead."""
     if "triton" not in sys.modules and not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cache_bytecode(package: str = "torch") -> str | None:
+    """Where Python may not write bytecode (PYTHONDONTWRITEBYTECODE, which many container images set) and `package`
+    was installed without it (uv, pip --no-compile), every run compiles torch, megatron-core and sympy from source:
+    about 6 s of each start-up on the GPU node, 9-11 s in all (RESULTS.md, session 13). Then the bytecode goes to
+    hf2mcore's cache directory (HF2MCORE_CACHE) instead: still nothing is written beside the installed sources.
+    The directory used, or None where nothing changed. Called before those imports."""
+    if not sys.dont_write_bytecode or sys.pycache_prefix is not None:
+        return None
+    spec = importlib.util.find_spec(package)  # located, not imported
+    if spec is None or not (spec.origin or "").endswith(".py"):
+        return None
+    if os.path.exists(importlib.util.cache_from_source(spec.origin)):  # installed with its bytecode: read it there
+        return None
+    from .default_model import cache_dir
+
+    # (a tree mirroring the sources' absolute paths; each .pyc names its interpreter and is checked against its
+    # source's size and time, as beside it)
+    sys.pycache_prefix, sys.dont_write_bytecode = str(cache_dir() / "pycache"), False
+    return sys.pycache_prefix
