@@ -67,6 +67,29 @@ def settle(path: Path, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def warm(hf_dir: Path) -> None:
+    """Read the input into the page cache (inside the kernel, to /dev/null). On this CPU box the kernel's DAMON
+    reclaim pages out page cache untouched for about 60 s, at up to 128 MiB/s: an input made or last read minutes
+    before a "warm" run was mostly read from disk again, by whichever tool ran first (RESULTS.md, session 14)."""
+    with open(os.devnull, "wb") as null:
+        for f in sorted(hf_dir.glob("*.safetensors")):
+            with open(f, "rb") as src:
+                size, pos = os.fstat(src.fileno()).st_size, 0
+                while pos < size:
+                    pos += os.sendfile(null.fileno(), src.fileno(), pos, size - pos)
+
+
+def resident(hf_dir: Path) -> float | None:
+    """The share of the input's bytes in the page cache (util-linux's fincore), or None without it."""
+    files = sorted(str(f) for f in hf_dir.glob("*.safetensors"))
+    r = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", *files], capture_output=True, text=True) \
+        if shutil.which("fincore") else None
+    if not r or r.returncode:
+        return None
+    res, size = (sum(int(line.split()[i]) for line in r.stdout.splitlines()) for i in (0, 1))
+    return res / size
+
+
 def evict(hf_dir: Path) -> None:
     for f in hf_dir.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
@@ -131,7 +154,7 @@ def main():
     if a.tools:
         tools = {k: v for k, v in tools.items() if any(t.lower() in k.lower() for t in a.tools)}
     size = sum(f.stat().st_size for f in Path(a.hf_dir).glob("*.safetensors")) / 2**30
-    print(f"input: {a.hf_dir} ({size:.2f} GiB), page cache {'evicted before every run' if a.cold else 'warm'}")
+    print(f"input: {a.hf_dir} ({size:.2f} GiB), page cache {'evicted' if a.cold else 'read'} before every run")
     runs, errors = {name: [] for name in tools}, {}
     shutil.rmtree(records, ignore_errors=True)
     shutil.rmtree(f"{records}-baseline", ignore_errors=True)
@@ -147,8 +170,8 @@ def main():
                 continue
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            if a.cold:
-                evict(Path(a.hf_dir))
+            before = resident(Path(a.hf_dir))  # what the round so far left cached: the log shows it
+            (evict if a.cold else warm)(Path(a.hf_dir))
             settle(work)
             # each tool runs in its own interpreter so ru_maxrss is that tool's own peak
             r = subprocess.run([sys.executable, __file__, "--one", *cmd], capture_output=True, text=True)
@@ -157,7 +180,8 @@ def main():
                 print(f"  {name}: could not run: {errors[name]}", file=sys.stderr, flush=True)
                 continue
             runs[name].append(tuple(map(float, r.stdout.split())))
-            print(f"  {name}: {runs[name][-1][0]:.1f} s", file=sys.stderr, flush=True)
+            cached = "" if before is None else f" (input {100 * before:.0f} % cached before it was read)"
+            print(f"  {name}: {runs[name][-1][0]:.1f} s{cached}", file=sys.stderr, flush=True)
     print("| tool | wall s (median) | CPU s | kernel s | peak RSS MiB | paired ratio to floor (median) | runs (wall s) |")
     print("|---|---|---|---|---|---|---|")
     floor = None
