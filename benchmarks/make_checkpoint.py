@@ -1,7 +1,8 @@
 """Random-weight HF checkpoint with the exact tensor names and shapes of a real config (bf16, hub-style shards).
 
 Shapes come from instantiating the HF model on the meta device; values are written one tensor at a time, so a
-multi-GB checkpoint needs little memory. `--layers N` scales a big model down by layer count.
+multi-GB checkpoint needs little memory. `--layers N` scales a big model down by layer count; `--set key=value`
+changes any other field (e.g. narrow sizes with all of a model's layers and experts: the per-tensor costs alone).
 """
 import argparse
 import json
@@ -20,12 +21,16 @@ def main():
     p.add_argument("out")
     p.add_argument("--layers", type=int)
     p.add_argument("--shard-size", default=5 * 2**30, type=int)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config fields (JSON values)")
     a = p.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = json.loads(Path(a.config).read_text())
     if a.layers:
         cfg["num_hidden_layers"] = a.layers
+    for item in a.set:
+        key, _, value = item.partition("=")
+        cfg[key] = json.loads(value)
     cfg.pop("quantization_config", None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))

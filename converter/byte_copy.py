@@ -10,6 +10,7 @@ DCP's and torch.save's own, so the file is the one a write from memory gives, by
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 
 from .errors import ConversionError
 from .kernel_copy import Run, copy_runs
-from .rows import readable_by_rows, row_runs, row_sources
+from .rows import readable_by_rows, source_runs
 
 
 def byte_runs(job, hf, dtype: torch.dtype) -> list[Run] | None:
@@ -33,7 +34,7 @@ def byte_runs(job, hf, dtype: torch.dtype) -> list[Run] | None:
         return None
     row = math.prod(job.ctx.shape[1:]) * dtype.itemsize
     runs: list[Run] = []
-    for src, first, n in row_runs(row_sources(job, hf)):
+    for src, first, n in source_runs(job, hf):
         fd, offset, _ = ranges[src]
         run = (-1, 0, n * row) if first < 0 else (fd, offset + first * row, n * row)
         last = runs[-1] if runs else None
@@ -59,7 +60,11 @@ class DirectWrites:
         self._starts: list[int] = []
         self._held: dict[int, tuple[torch.Tensor, list[Run]]] = {}  # address -> placeholder, runs
         self._pieces: dict[int, dict[int, int]] = {}  # placeholder address -> piece address -> byte count
+        # byte count -> pieces of that size still to be written: most of the writer's writes (zip headers, pickles;
+        # about 24 per tensor) are told apart by their size alone, without finding their address
+        self._sizes: collections.Counter[int] = collections.Counter()
         self.copied = 0
+        self.error: ConversionError | None = None  # the first write that stopped the writer
 
     def placeholder(self, shape: tuple[int, ...], dtype: torch.dtype, runs: list[Run]) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)  # never read nor written: its pages are never touched
@@ -79,7 +84,10 @@ class DirectWrites:
                 if self._owner(p.data_ptr(), p.nbytes) != base.data_ptr():
                     raise ConversionError("internal: a checkpoint piece of a directly copied tensor is not a view "
                                           "of it")
+                if (before := want.get(p.data_ptr())) is not None:
+                    self._sizes[before] -= 1
                 want[p.data_ptr()] = p.nbytes
+                self._sizes[p.nbytes] += 1
 
     def _owner(self, addr: int, n: int) -> int | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -97,7 +105,7 @@ class DirectWrites:
         """Copy the runs behind `data` (a buffer being written) to `raw` (file `name`) at its position; None if
         `data` is not a placeholder's piece."""
         n = memoryview(data).nbytes
-        if not n or not self._starts:
+        if not self._sizes[n]:  # (a placeholder's piece written otherwise leaves it unwritten: `check` stops then)
             return None
         addr = np.frombuffer(data, np.uint8).ctypes.data
         with self._lock:
@@ -109,6 +117,7 @@ class DirectWrites:
                 raise ConversionError("internal: the writer wrote an unexpected part of a directly copied tensor")
             runs = self._held[start][1]
             del want[addr]
+            self._sizes[n] -= 1
             if not want:  # all its pieces are written: the placeholder may go
                 del self._pieces[start], self._held[start]
                 self._starts.remove(start)
@@ -136,7 +145,11 @@ class _Stream:
         self._raw, self._direct, self._name = raw, direct, name
 
     def write(self, data) -> int:
-        n = self._direct.write(self._raw, data, self._name)
+        try:
+            n = self._direct.write(self._raw, data, self._name)
+        except ConversionError as exc:  # torch.save's zip writer loses it (its exit fails on the position)
+            self._direct.error = self._direct.error or exc
+            raise
         if n is not None:
             return n
         if self._direct.recorder is not None:

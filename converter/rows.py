@@ -7,6 +7,8 @@ its HF tensor and row. Runs of consecutive rows are then read from the files str
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import ConversionError
@@ -21,8 +23,27 @@ def readable_by_rows(job: Job, hf) -> bool:
 
 def row_sources(job: Job, hf) -> torch.Tensor:
     """For each row of the Megatron tensor, its encoded HF source and row (a readable_by_rows job)."""
-    rows = [torch.arange(hf.shape(s)[0]) + 1 + (k << _SOURCE_BITS) for k, s in enumerate(job.sources)]
-    return job.to_mcore(rows)
+    return job.to_mcore(_encoded(_row_counts(job, hf)))
+
+
+def source_runs(job: Job, hf) -> tuple[tuple[int, int, int], ...]:
+    """row_runs(row_sources(job, hf)), made once per transform, target and source row counts: the experts of an
+    MoE model (tens of thousands of tensors) share a few, and making them costs a millisecond of torch calls
+    each, holding the interpreter lock the writing thread needs (RESULTS.md, session 15)."""
+    return _runs(job.rule.transform, job.ctx, _row_counts(job, hf))
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs(transform, ctx, rows: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    return tuple(row_runs(transform.to_mcore(_encoded(rows), ctx)))
+
+
+def _row_counts(job: Job, hf) -> tuple[int, ...]:
+    return tuple(hf.shape(s)[0] for s in job.sources)
+
+
+def _encoded(rows: tuple[int, ...]) -> list[torch.Tensor]:
+    return [torch.arange(n) + 1 + (k << _SOURCE_BITS) for k, n in enumerate(rows)]
 
 
 def row_runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -80,6 +80,25 @@ def test_a_piece_the_writer_would_not_take_from_the_source_stops(tiny_models, tm
     assert not (tmp_path / "mc").exists()
 
 
+def test_a_piece_written_in_other_parts_than_expected_stops(tiny_models, tmp_path, monkeypatch):
+    """Writes are matched to the pieces the writer should write by their size first: were a piece written in
+    other parts (a writer that splits large writes), its bytes would be the placeholder's untouched memory; the
+    conversion stops instead, and leaves no output."""
+    hf = tiny_models("Qwen/Qwen3-30B-A3B", "bf16")
+    write = byte_copy._Stream.write
+
+    def halves(self, data):
+        m = memoryview(data).cast("B")
+        if m.nbytes < 4096:
+            return write(self, data)
+        return write(self, m[:m.nbytes // 2]) + write(self, m[m.nbytes // 2:])
+
+    monkeypatch.setattr(byte_copy._Stream, "write", halves)
+    with pytest.raises(ConversionError, match="not written in full|unexpected part"):
+        convert(hf, tmp_path / "mc", dtype="bf16", progress=False)
+    assert not (tmp_path / "mc").exists()
+
+
 def test_nonfinite_values_are_found_in_the_copied_bytes(tiny_models, tmp_path, monkeypatch):
     """The NaN/Inf check of copied tensors reads the source through a memory map, a window at a time: a NaN past
     the first windows (at offsets that are not page-aligned) still stops the conversion by name."""

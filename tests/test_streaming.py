@@ -1,5 +1,6 @@
-"""The streaming writer: parameters made one ahead in a background thread, views written without copies, and a
-CLI start-up that loads neither torch's compiler nor transformers."""
+"""The streaming writer: parameters made one ahead in a background thread, views written without copies, shard
+overlaps checked in linear time, and a CLI start-up that loads neither torch's compiler nor transformers."""
+import itertools
 import subprocess
 import sys
 import threading
@@ -34,6 +35,51 @@ def test_next_parameter_is_made_while_the_writer_writes(tiny_models, tmp_path, m
     assert all(n.startswith("hf2mcore-make") for n in made), made  # each made ahead, in the writer's order
     assert torch.serialization.get_crc32_options()  # the writer's setting is put back
     assert verify(hf, out)["ok"]
+
+
+def test_shard_overlaps_are_found_as_torch_finds_them_without_comparing_every_pair(monkeypatch):
+    """linear_overlap_checks: on a regular grid (megatron-core's layers x experts x gate/up halves) a cell given
+    twice is an overlap, found without comparing shards pairwise; on any other sharding torch's own check decides."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharding_spec import _internals
+    from torch.distributed._shard.sharding_spec.api import EnumerableShardingSpec
+
+    def shards(boxes):
+        return [ShardMetadata(list(o), list(n), "rank:0/cpu") for o, n in boxes]
+
+    size = (1, 1, 4, 8)
+    grid = [(tuple(c * n for c, n in zip(cell, size)), size)
+            for cell in itertools.product(range(8), range(16), range(2), range(1))]
+    cases = {  # name: (boxes, overlapping)
+        "grid": (grid, False),
+        "grid with a cell twice": (grid + [grid[37]], True),
+        "uneven, disjoint": ([((0, 0), (3, 8)), ((3, 0), (5, 8)), ((0, 8), (8, 2))], False),
+        "uneven, overlapping": ([((0, 0), (3, 8)), ((2, 0), (6, 8))], True),
+        "same sizes, offsets off the grid": ([((0, 0), (4, 4)), ((0, 2), (4, 4))], True),
+    }
+    pairs = []
+    compare = _internals._check_shard_metadata_pair_overlap
+    monkeypatch.setattr(_internals, "_check_shard_metadata_pair_overlap", lambda a, b: pairs.append(1) or compare(a, b))
+
+    def overlaps(check, boxes) -> bool:
+        try:
+            check(shards(boxes))
+        except ValueError as exc:
+            assert "overlap" in str(exc)
+            return True
+        return False
+
+    for name, (boxes, overlapping) in cases.items():
+        assert overlaps(_internals.validate_non_overlapping_shards_metadata, boxes) is overlapping, name  # torch's
+        with mcore_io.linear_overlap_checks():
+            assert overlaps(EnumerableShardingSpec, boxes) is overlapping, name
+    pairs.clear()
+    EnumerableShardingSpec(shards(grid))
+    assert len(pairs) > 1000  # torch's sweep, along the halves' axis, compares the shards of each half pairwise
+    pairs.clear()
+    with mcore_io.linear_overlap_checks():
+        EnumerableShardingSpec(shards(grid))
+    assert not pairs
 
 
 def test_a_contiguous_view_gets_its_own_storage_without_a_copy():
