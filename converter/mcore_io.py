@@ -33,10 +33,25 @@ def _strategy_class():
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.planner import WriteItemType
 
+    from torch.distributed._shard.sharded_tensor import ShardedTensor as TorchShardedTensor
+
     class LazyPlanner(MCoreSavePlanner):
         def __init__(self, resolve: Callable, **kw):
             super().__init__(**kw)
             self._resolve = resolve
+            self._shards: dict[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
+
+        def lookup_object(self, index):
+            """A ShardedTensor's shard by its offsets, from a table. DCP's own lookup scans the key's shards
+            unless its position hint holds, and on the second rank of a 2-process save it did not: with 48 layers
+            x 128 experts that rank took twice as long (RESULTS.md, session 15)."""
+            if index.offset is None or not isinstance(self.state_dict.get(index.fqn), TorchShardedTensor):
+                return super().lookup_object(index)
+            if self._shards is None:
+                self._shards = {(k, tuple(sh.metadata.shard_offsets)): sh.tensor for k, v in self.state_dict.items()
+                                if isinstance(v, TorchShardedTensor) for sh in v.local_shards()}
+            found = self._shards.get((index.fqn, tuple(index.offset)))
+            return found if found is not None else super().lookup_object(index)  # (its error, if absent)
 
         def finish_plan(self, new_plan):
             plan = super().finish_plan(new_plan)
@@ -61,6 +76,8 @@ def _strategy_class():
         """megatron-core's torch_dist strategy with DCP's synchronous writer and a lazy planner (`resolve` makes
         the meta tensors; None when every tensor is real)."""
 
+        Planner = LazyPlanner
+
         def __init__(self, resolve: Callable | None, direct=None):
             super().__init__(thread_count=1)
             self._resolve = resolve
@@ -73,7 +90,7 @@ def _strategy_class():
         def _save(self, sharded_state_dict, checkpoint_dir):
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_sd = mcore_to_pyt_state_dict(sd, False)
-            planner = LazyPlanner(self._resolve, flatten_state_dict=False, flatten_sharded_tensors=False)
+            planner = self.Planner(self._resolve, flatten_state_dict=False, flatten_sharded_tensors=False)
             # No zip CRC32 per tensor: torch.load never checks it, and computing it costs the writing thread
             # about 0.25 s per GiB. The files stay loadable by every torch (a documented torch.save option).
             crc = torch.serialization.get_crc32_options()

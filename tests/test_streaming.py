@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import torch
 
 from converter import mcore_io
@@ -177,3 +178,30 @@ def test_written_parameters_give_their_memory_back(tmp_path):
     got = {k: v for f in sorted(back.glob("*.safetensors")) for k, v in load_file(f).items()}
     ref = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_the_planner_finds_each_shard_without_scanning_the_key(monkeypatch):
+    """The writer's planner finds a ShardedTensor's shard by its offsets even where DCP's position hint is wrong
+    (as on the second rank of a parallel save), without DCP's scan over the key's shards; an absent one is DCP's
+    error."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+    from torch.distributed.checkpoint import utils
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from converter.runtime import ensure_distributed
+
+    ensure_distributed(cpu=True)
+    rows = [torch.full((2, 3), float(i)) for i in range(5)]
+    st = init_from_local_shards([Shard(t, ShardMetadata([2 * i, 0], [2, 3], "rank:0/cpu")) for i, t in enumerate(rows)],
+                                10, 3)
+    planner = mcore_io._strategy_class().Planner(None, flatten_state_dict=False, flatten_sharded_tensors=False)
+    planner.set_up_planner({"w": st, "step": 3}, is_coordinator=True)
+    scans = []
+    find = utils._find_shard
+    monkeypatch.setattr(utils, "_find_shard", lambda *a: scans.append(a) or find(*a))
+    for i in range(5):
+        assert planner.lookup_object(MetadataIndex("w", torch.Size([2 * i, 0]), index=4 - i)) is rows[i]
+    assert not scans and planner.lookup_object(MetadataIndex("step")) == 3
+    with pytest.raises(ValueError, match="Could not find shard"):
+        planner.lookup_object(MetadataIndex("w", torch.Size([1, 0])))
