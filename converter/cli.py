@@ -19,7 +19,9 @@ def _quiet() -> None:
     # megatron-core logs a GPTModel deprecation notice and CPU fallbacks on every build; not the user's concern.
     warnings.filterwarnings("ignore")
     # (and torch's "No CUDA runtime is found" on CPU machines)
-    for name in ("megatron", "megatron.core", "torch.distributed", "torch.utils.cpp_extension", "transformers"):
+    # (DCP's own logger is set to DEBUG, into a NullHandler: 2 records made and dropped per state dict entry)
+    for name in ("megatron", "megatron.core", "torch.distributed", "torch.utils.cpp_extension", "transformers",
+                 "c10d-NullHandler-dcp_logger"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
 
@@ -91,9 +93,12 @@ def cmd_convert(a) -> int:
 
     if launched_by_torchrun() and a.verify:
         raise ConversionError("--verify runs in one process: verify after the parallel conversion")
-    convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
-            family=a.family, progress=not a.no_progress, workers=a.workers, exact=a.exact,
-            allow_nonfinite=a.allow_nonfinite, mtp=not a.no_mtp)
+    from .collector import survivors_frozen
+
+    with survivors_frozen():
+        convert(hf, out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype, overwrite=a.overwrite,
+                family=a.family, progress=not a.no_progress, workers=a.workers, exact=a.exact,
+                allow_nonfinite=a.allow_nonfinite, mtp=not a.no_mtp)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
     from .layout import manifest, read_args, training_script

@@ -8,6 +8,7 @@ replayed one (replay.py), with no copy and no cast.
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 
@@ -28,6 +29,12 @@ def nonfinite(fd: int, offset: int, nbytes: int, dtype: str) -> int:
         return 0
     kind, mask, bad = FLOATS[dtype]
     width = np.dtype(kind).itemsize
+    if nbytes <= _BLOCK:  # read, not mapped: a map and unmap per tensor cost more than the copy (many small experts)
+        values = np.empty(nbytes // width, kind)
+        if os.preadv(fd, [values], offset) != values.nbytes:
+            raise OSError(f"short read of {nbytes} bytes at {offset}")
+        np.bitwise_and(values, mask, out=values)
+        return int(np.count_nonzero(values >= bad)) if values.max(initial=0) >= bad else 0
     scratch = np.empty(_BLOCK // width, kind)
     step = _MAPPED - _MAPPED % width
     count = 0

@@ -1,9 +1,10 @@
 """Byte runs of open files copied into a file at a position, inside the kernel (os.copy_file_range) where it can.
 
 Without torch: the conversion through megatron-core (byte_copy.py) and a replayed one (replay.py) copy the same way.
-Each piece copied is handed to the disk at once (sync_file_range, which does not wait): otherwise the kernel holds
-the dirty pages until the final fsync, and writes the whole file to disk only after the copying has stopped
-(RESULTS.md session 12: the copy and fsync of the Llama-3.2-1B shape in 0.78x the time, paired).
+What is copied is handed to the disk every _STEP bytes (sync_file_range, which does not wait): otherwise the kernel
+holds the dirty pages until the final fsync, and writes the whole file to disk only after the copying has stopped
+(RESULTS.md session 12: the copy and fsync of the Llama-3.2-1B shape in 0.78x the time, paired). Not per copy: for
+the 16 KiB experts of a many-expert model a writeback per copy made each copy 4x slower (RESULTS.md, session 16).
 """
 from __future__ import annotations
 
@@ -60,12 +61,24 @@ def _sync_file_range():
 
 _sync_range = _sync_file_range()
 _WRITE = 2  # SYNC_FILE_RANGE_WRITE: start the writeback of the range's dirty pages, without waiting for it
+# output descriptor -> the range copied into it since its writeback last started (what is left at the end, under
+# _STEP, goes to disk with the file's fsync; a descriptor number reused for another file only starts a writeback)
+_unstarted: dict[int, tuple[int, int]] = {}
 
 
 def start_writeback(out: int, pos: int, n: int) -> None:
     """Start writing bytes [pos, pos + n) of `out` to disk (best effort: an error only leaves it to fsync)."""
     if _sync_range is not None:
         _sync_range(out, pos, n, _WRITE)
+
+
+def _copied(out: int, pos: int, n: int) -> None:
+    lo, hi = _unstarted.pop(out, (pos, pos))
+    lo, hi = min(lo, pos), max(hi, pos + n)
+    if hi - lo >= _STEP:
+        start_writeback(out, lo, hi - lo)
+    else:
+        _unstarted[out] = lo, hi
 
 
 def copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:
@@ -83,7 +96,7 @@ def copy_range(src: int, offset: int, n: int, out: int, pos: int) -> None:
             done = os.pwrite(out, os.pread(src, min(n, _CHUNK), offset), pos)
         if done == 0:
             raise ConversionError("a source file ended early while being copied (changed during the conversion?)")
-        start_writeback(out, pos, done)
+        _copied(out, pos, done)
         offset, pos, n = offset + done, pos + done, n - done
 
 

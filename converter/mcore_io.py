@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import ConversionError, causes
+from .save_memo import SaveMemo
 
 CONTENT_METADATA = {"singleton_local_shards": False}
 
@@ -84,7 +85,9 @@ def _strategy_class():
             self._direct = direct  # byte_copy.DirectWrites: placeholders whose bytes are copied file to file
 
         def save(self, sharded_state_dict, checkpoint_dir):
-            with linear_overlap_checks():
+            # torch.save's archives repeated where they repeat (save_memo): megatron-core serializes each
+            # ShardedObject with it in _save, DCP each tensor
+            with linear_overlap_checks(), mock.patch.object(torch, "save", SaveMemo(torch.save)):
                 self._save(sharded_state_dict, checkpoint_dir)
 
         def _save(self, sharded_state_dict, checkpoint_dir):
@@ -115,7 +118,9 @@ def _strategy_class():
                 if self._direct is not None:
                     writer.fs = self._direct.file_system(writer.fs)
                 try:
-                    dcp_save(pyt_sd, storage_writer=writer, planner=planner)
+                    # one process: the plans are not pickled and gathered to itself (31k items: about 1 s)
+                    dcp_save(pyt_sd, storage_writer=writer, planner=planner,
+                             no_dist=torch.distributed.get_world_size() == 1)
                 finally:
                     torch.serialization.set_crc32_options(crc)
 
@@ -283,9 +288,9 @@ def _own_storage(real: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         return piece
     if not piece.is_contiguous():
         return piece.clone()
-    flat = real.view(-1).view(torch.uint8).numpy()  # frombuffer keeps this (and so `real`) alive
-    return torch.frombuffer(flat, dtype=real.dtype, count=piece.numel(),
-                            offset=view.storage_offset() * real.element_size()).view(piece.shape)
+    start = view.storage_offset() * real.element_size()
+    region = real.untyped_storage()[start:start + piece.nbytes]  # shares the memory, keeps `real`'s alive
+    return torch.empty(0, dtype=real.dtype).set_(region, 0, piece.shape)
 
 
 def _view_key(v: torch.Tensor) -> tuple[int, int]:

@@ -2,11 +2,12 @@
 the kernel's copy or without it, and a piece the writer would not take from the source stops the conversion."""
 import errno
 import importlib
+import io
 import os
 
 import pytest
 
-from converter import ConversionError, byte_copy, finite, kernel_copy, mcore_io
+from converter import ConversionError, byte_copy, finite, kernel_copy, mcore_io, save_memo
 from converter.convert import convert
 
 conv = importlib.import_module("converter.convert")  # the module (the package's `convert` is the function)
@@ -126,10 +127,12 @@ def test_nonfinite_values_are_found_in_the_copied_bytes(tiny_models, tmp_path, m
     assert finite.nonfinite(*src.byte_range("model.layers.1.mlp.down_proj.weight"), "BF16") == 0
 
 
+@pytest.mark.parametrize("block", [512 << 10, 1024], ids=["read", "mapped"])
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"])
-def test_nonfinite_counts_what_torch_counts_in_every_float_format(tmp_path, dtype):
+def test_nonfinite_counts_what_torch_counts_in_every_float_format(tmp_path, monkeypatch, dtype, block):
     """The bit patterns finite.py takes for NaN/Inf, against torch's isfinite, with the largest finite values of
-    either sign, zeros of either sign and the smallest subnormals beside them."""
+    either sign, zeros of either sign and the smallest subnormals beside them; a tensor up to a block is read into
+    memory, a larger one mapped."""
     import torch
     from safetensors.torch import save_file
 
@@ -144,4 +147,130 @@ def test_nonfinite_counts_what_torch_counts_in_every_float_format(tmp_path, dtyp
     save_file({"t": values}, str(tmp_path / "t.safetensors"))
     want = int((~values.double().isfinite()).sum())
     assert want >= (2 if dtype == "F8_E4M3" else 4)  # e4m3fn has no Inf: it becomes NaN
+    monkeypatch.setattr(finite, "_BLOCK", block)
+    read, preadv = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: read.append(a) or preadv(*a))
     assert finite.nonfinite(*HFCheckpoint(tmp_path).byte_range("t"), dtype) == want
+    assert bool(read) == (values.numel() * values.element_size() <= block)
+
+
+def _archive(save, t) -> bytes:
+    f = io.BytesIO()
+    save(t, f)
+    return f.getvalue()
+
+
+def test_a_repeated_save_writes_torch_saves_archive_byte_for_byte(crc32):
+    """save_memo repeats torch.save's archive for a tensor layout saved twice alike, with the tensor's own bytes;
+    whatever its archive might depend on beyond the layout goes to torch.save every time."""
+    import torch
+
+    crc32(False)  # as mcore_io saves
+    memo = save_memo.SaveMemo(torch.save)
+    alike = [torch.randn(64, 32)[8:16] for _ in range(3)]  # one layout (storage, offset, shape, strides) thrice
+    own = [torch.randn(8, 32).bfloat16() for _ in range(3)]  # another, each its own storage
+    for t in alike + own + alike[:1]:
+        assert _archive(memo, t) == _archive(torch.save, t)
+    assert memo.repeated == 1 + 1 + 1  # the third of each, and the first again
+    grad, named = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+    named.note = "kept by torch.save"
+    conj = torch.randn(8, 32, dtype=torch.complex64).conj()
+    for t in [grad, named, conj] * 3:
+        assert _archive(memo, t) == _archive(torch.save, t)
+    assert memo.repeated == 3
+    crc32(True)  # the archive holds the data's CRC
+    for t in own:
+        assert _archive(memo, t) == _archive(torch.save, t)
+    assert memo.repeated == 3
+
+
+def test_a_save_whose_archive_changes_is_never_repeated(crc32):
+    import torch
+
+    crc32(False)
+    calls = []
+
+    def counting(t, f):  # an archive that also holds how many saves came before
+        calls.append(1)
+        f.write(str(len(calls)).encode())
+        f.write(memoryview(t.numpy()).cast("B"))
+
+    memo, t = save_memo.SaveMemo(counting), torch.randn(4, 4)
+    assert [_archive(memo, t)[:1] for _ in range(4)] == [b"1", b"2", b"3", b"4"]
+    assert memo.repeated == 0
+
+
+def test_repeated_saves_convert_to_the_same_files(tiny_models, tmp_path, monkeypatch):
+    """A conversion with torch.save's archives repeated writes the files torch.save writes (stacked experts: many
+    items of one layout), and repeats most of them."""
+    hf = tiny_models("Qwen/Qwen3-30B-A3B", "bf16")
+    made, real = [], []
+
+    def memo(save):
+        made.append(save_memo.SaveMemo(lambda *a: real.append(1) or save(*a)))
+        return made[-1]
+
+    monkeypatch.setattr(mcore_io, "SaveMemo", memo)
+    convert(hf, tmp_path / "memo", dtype="bf16", progress=False)
+    monkeypatch.setattr(mcore_io, "SaveMemo", lambda save: save)
+    convert(hf, tmp_path / "torch", dtype="bf16", progress=False)
+    memo, plain = _files(tmp_path / "memo"), _files(tmp_path / "torch")
+    assert memo.keys() == plain.keys() and all(memo[k] == plain[k] for k in plain)
+    assert (tmp_path / "memo/release/.metadata").read_bytes() == (tmp_path / "torch/release/.metadata").read_bytes()
+    assert len(made) == 1 and made[0].repeated > len(real), (made[0].repeated, len(real))
+
+
+@pytest.fixture
+def crc32():
+    """Sets torch.save's per-record CRC32 on or off for a test (mcore_io saves with it off)."""
+    import torch
+
+    before = torch.serialization.get_crc32_options()
+    yield torch.serialization.set_crc32_options
+    torch.serialization.set_crc32_options(before)
+
+
+def test_the_writeback_starts_once_a_step_of_bytes_is_copied(tmp_path, monkeypatch):
+    """Small copies are handed to the disk together, a step of bytes at a time; a large one every step; what is
+    left under a step waits for the file's fsync; the file holds the bytes copied."""
+    monkeypatch.setattr(kernel_copy, "_STEP", 64 << 10)
+    monkeypatch.setattr(kernel_copy, "_unstarted", {})  # (nothing left from another test's descriptor)
+    started = []
+    monkeypatch.setattr(kernel_copy, "_sync_range", lambda fd, pos, n, flags: started.append((pos, n)))
+    data = os.urandom(1 << 20)
+    (tmp_path / "src").write_bytes(data)
+    src, out = os.open(tmp_path / "src", os.O_RDONLY), os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        for i in range(40):  # 40 x 4 KiB: two steps' writebacks, 32 KiB left
+            kernel_copy.copy_range(src, i * 4096, 4096, out, i * 4096)
+        assert started == [(0, 64 << 10), (64 << 10, 64 << 10)]
+        kernel_copy.copy_range(src, 40 * 4096, (1 << 20) - 40 * 4096, out, 40 * 4096)  # in steps of 64 KiB
+        # the 32 KiB left joined the first step; 13 steps more, and the last 32 KiB wait for the fsync
+        assert started[2] == (128 << 10, 96 << 10) and len(started) == 15
+        assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:])) and sum(n for _, n in started) == 992 << 10
+    finally:
+        os.close(src), os.close(out)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_repeated_value_is_torch_saves_archive_byte_for_byte(crc32):
+    """Plain values by their pickle (megatron-core's `[None]` of each expert's `_extra_state`); other objects to
+    torch.save."""
+    import torch
+
+    crc32(False)
+    memo = save_memo.SaveMemo(torch.save)
+    for v in [[None]] * 3 + [{"a": (1, 2.5, "x")}] * 3 + [[None], [0.0], [-0.0], [0.0]]:
+        assert _archive(memo, v) == _archive(torch.save, v)
+    assert memo.repeated == 1 + 1 + 1  # the third of the first two; [None] again; ([0.0] and [-0.0] differ)
+    for v in [_Custom(), [_Custom()], [torch.zeros(2)]] * 3:  # not plain: torch.save each time
+        assert _archive(memo, v) == _archive(torch.save, v)
+    assert memo.repeated == 3
+    crc32(True)  # (megatron-core serializes them before mcore_io turns the CRC32s off): those of the pickle
+    for v in [[None]] * 3:
+        assert _archive(memo, v) == _archive(torch.save, v)
+    assert memo.repeated == 4
+
+
+class _Custom:
+    pass

@@ -1,5 +1,6 @@
 """The streaming writer: parameters made one ahead in a background thread, views written without copies, shard
 overlaps checked in linear time, and a CLI start-up that loads neither torch's compiler nor transformers."""
+import gc
 import itertools
 import subprocess
 import sys
@@ -95,6 +96,10 @@ def test_a_contiguous_view_gets_its_own_storage_without_a_copy():
     column = real.new_empty(0, device="meta").as_strided((6, 2), (4, 1), 2)  # not contiguous: copied
     piece = mcore_io._own_storage(real, column)
     assert torch.equal(piece, real[:, 2:]) and piece.untyped_storage().nbytes() == piece.nbytes
+    up = mcore_io._own_storage(real, real.new_empty(0, device="meta").as_strided((3, 4), (4, 1), 12))
+    del real  # the piece keeps the memory it shares alive
+    gc.collect()
+    assert torch.equal(up, torch.arange(12, 24, dtype=torch.bfloat16).reshape(3, 4))
 
 
 def test_cli_convert_loads_neither_torch_compiler_nor_transformers(tiny_models, tmp_path):
@@ -205,3 +210,34 @@ def test_the_planner_finds_each_shard_without_scanning_the_key(monkeypatch):
     assert not scans and planner.lookup_object(MetadataIndex("step")) == 3
     with pytest.raises(ValueError, match="Could not find shard"):
         planner.lookup_object(MetadataIndex("w", torch.Size([1, 0])))
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_what_survives_a_full_collection_is_frozen_until_the_end():
+    """collector.survivors_frozen: young garbage is still collected; survivors of a full collection are frozen
+    (never scanned again) and unfrozen at the end, when what died meanwhile is collected; the callback goes
+    however the block ends."""
+    import weakref
+
+    from converter import collector
+
+    with pytest.raises(KeyError):
+        with collector.survivors_frozen():
+            before = gc.get_freeze_count()
+            kept = _Cycle()
+            gc.collect()
+            assert gc.get_freeze_count() > before  # `kept` and everything else alive
+            young = _Cycle()
+            young_ref, kept_ref = weakref.ref(young), weakref.ref(kept)
+            del young, kept
+            gc.collect()
+            assert young_ref() is None  # garbage made after the freeze: collected
+            assert kept_ref() is not None  # frozen before it died: left until the end
+            raise KeyError
+    assert gc.get_freeze_count() == 0 and collector._freeze_survivors not in gc.callbacks
+    gc.collect()
+    assert kept_ref() is None
