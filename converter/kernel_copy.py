@@ -3,8 +3,9 @@
 Without torch: the conversion through megatron-core (byte_copy.py) and a replayed one (replay.py) copy the same way.
 What is copied is handed to the disk every _STEP bytes (sync_file_range, which does not wait): otherwise the kernel
 holds the dirty pages until the final fsync, and writes the whole file to disk only after the copying has stopped
-(RESULTS.md session 12: the copy and fsync of the Llama-3.2-1B shape in 0.78x the time, paired). Not per copy: for
-the 16 KiB experts of a many-expert model a writeback per copy made each copy 4x slower (RESULTS.md, session 16).
+(RESULTS.md session 12: the copy and fsync of the Llama-3.2-1B shape in 0.78x the time, paired), and each copy of
+_AT_ONCE or more at once. Smaller copies go together: for the 16 KiB experts of a many-expert model a writeback per
+copy made each copy 4x slower (RESULTS.md, session 16).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ Run = tuple[int, int, int]  # (file descriptor, offset, byte count); descriptor 
 
 _CHUNK = 256 << 20  # bytes read at once where the kernel cannot copy
 _STEP = 64 << 20  # bytes copied before their writeback starts
+_AT_ONCE = 1 << 20  # a copy of at least this many bytes starts its writeback at once (as up to session 15)
 _kernel_copy = hasattr(os, "copy_file_range")
 # what copy_file_range answers where it cannot copy between these two files (another file system, old kernels)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
@@ -75,7 +77,7 @@ def start_writeback(out: int, pos: int, n: int) -> None:
 def _copied(out: int, pos: int, n: int) -> None:
     lo, hi = _unstarted.pop(out, (pos, pos))
     lo, hi = min(lo, pos), max(hi, pos + n)
-    if hi - lo >= _STEP:
+    if hi - lo >= _STEP or n >= _AT_ONCE:
         start_writeback(out, lo, hi - lo)
     else:
         _unstarted[out] = lo, hi

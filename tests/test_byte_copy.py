@@ -231,8 +231,8 @@ def crc32():
 
 
 def test_the_writeback_starts_once_a_step_of_bytes_is_copied(tmp_path, monkeypatch):
-    """Small copies are handed to the disk together, a step of bytes at a time; a large one every step; what is
-    left under a step waits for the file's fsync; the file holds the bytes copied."""
+    """Small copies are handed to the disk together, a step of bytes at a time; a long one every step; one of
+    _AT_ONCE or more at once; what is left under a step waits for the file's fsync; the file holds the bytes."""
     monkeypatch.setattr(kernel_copy, "_STEP", 64 << 10)
     monkeypatch.setattr(kernel_copy, "_unstarted", {})  # (nothing left from another test's descriptor)
     started = []
@@ -247,7 +247,13 @@ def test_the_writeback_starts_once_a_step_of_bytes_is_copied(tmp_path, monkeypat
         kernel_copy.copy_range(src, 40 * 4096, (1 << 20) - 40 * 4096, out, 40 * 4096)  # in steps of 64 KiB
         # the 32 KiB left joined the first step; 13 steps more, and the last 32 KiB wait for the fsync
         assert started[2] == (128 << 10, 96 << 10) and len(started) == 15
-        assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:])) and sum(n for _, n in started) == 992 << 10
+        assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:]))
+        assert sum(n for _, n in started) == 992 << 10
+        monkeypatch.setattr(kernel_copy, "_AT_ONCE", 8192)
+        started.clear(), kernel_copy._unstarted.clear()  # (as for a new file)
+        kernel_copy.copy_range(src, 0, 4096, out, 0)  # small: waits
+        kernel_copy.copy_range(src, 4096, 8192, out, 4096)  # large enough: at once, with what waited
+        assert started == [(0, 12288)]
     finally:
         os.close(src), os.close(out)
     assert (tmp_path / "out").read_bytes() == data
