@@ -82,7 +82,8 @@ class _Recording:
 
 
 class SaveMemo:
-    """A torch.save for DCP's writer (installed in its place by mcore_io around a save)."""
+    """torch.save's stand-in during our saves (mcore_io): megatron-core serializes its objects with it, DCP each
+    checkpoint item."""
 
     def __init__(self, save: Callable = torch.save):
         self._save = save
