@@ -4,9 +4,9 @@ A conversion builds its objects once and keeps them to the end: the meta model, 
 dict, DCP's plan (for 48 layers x 128 experts about 1.5 million tracked objects). Each full collection scans all of
 them again, and there is one each time they grow by a quarter: 15 of them took 8.2 s of a conversion of such a
 model and found under 1,000 objects to free (RESULTS.md, session 16). Inside `survivors_frozen` every full
-collection ends by freezing what survived it (gc.freeze: later collections skip it), so a full collection scans each object once.
-Young garbage is collected as before, and reference counting frees frozen objects as ever: only a cycle that dies
-after its freeze waits for the end of the block.
+collection ends by freezing what survived it (gc.freeze: later collections skip it), so a full collection scans
+each object once. Young garbage is collected as before, and reference counting frees frozen objects as ever: only
+a cycle that dies after its freeze waits for the end of the block.
 """
 from __future__ import annotations
 
