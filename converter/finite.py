@@ -33,8 +33,7 @@ def nonfinite(fd: int, offset: int, nbytes: int, dtype: str) -> int:
         values = np.empty(nbytes // width, kind)
         if os.preadv(fd, [values], offset) != values.nbytes:
             raise OSError(f"short read of {nbytes} bytes at {offset}")
-        np.bitwise_and(values, mask, out=values)
-        return int(np.count_nonzero(values >= bad)) if values.max(initial=0) >= bad else 0
+        return _count(values, mask, bad, out=values)
     scratch = np.empty(_BLOCK // width, kind)
     step = _MAPPED - _MAPPED % width
     count = 0
@@ -45,11 +44,15 @@ def nonfinite(fd: int, offset: int, nbytes: int, dtype: str) -> int:
             values = np.frombuffer(m, kind, n // width, start - base)
             for i in range(0, values.size, scratch.size):
                 part = scratch[:min(scratch.size, values.size - i)]
-                np.bitwise_and(values[i:i + part.size], mask, out=part)
-                if part.max() >= bad:
-                    count += int(np.count_nonzero(part >= bad))
+                count += _count(values[i:i + part.size], mask, bad, out=part)
             del values  # the map cannot close while an array exports it
     return count
+
+
+def _count(values: np.ndarray, mask: int, bad: int, out: np.ndarray) -> int:
+    """NaN/Inf among `values` (their bits), masked into `out`; counted only where the maximum says there is one."""
+    np.bitwise_and(values, mask, out=out)
+    return int(np.count_nonzero(out >= bad)) if out.max(initial=0) >= bad else 0
 
 
 def message(sources, count: int, dtype: str, target: str) -> str:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.serialization import _get_storage_alignment, get_crc32_options
 
 _DATA = None  # in a recorded archive: where the tensor's storage bytes go
 
@@ -26,8 +27,6 @@ def _key(obj) -> tuple | None:
     """What torch.save's archive of `obj` depends on, besides a tensor storage's bytes; None if it may depend on
     more. A tensor: its layout. A value made of None, numbers, strings, bytes, lists, tuples and dicts (megatron-core
     serializes every expert's empty `_extra_state` as `[None]`): its pickle."""
-    from torch.serialization import _get_storage_alignment, get_crc32_options
-
     if not isinstance(obj, torch.Tensor):  # (its CRC32s are those of its pickle)
         return ("value", pickle.dumps(obj, protocol=2), get_crc32_options(), _get_storage_alignment()) \
             if _plain(obj) else None
