@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib
 import io
 import mmap
+import warnings
 from unittest import mock
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -118,9 +120,12 @@ def _strategy_class():
                 if self._direct is not None:
                     writer.fs = self._direct.file_system(writer.fs)
                 try:
-                    # one process: the plans are not pickled and gathered to itself (31k items: about 1 s)
-                    dcp_save(pyt_sd, storage_writer=writer, planner=planner,
-                             no_dist=torch.distributed.get_world_size() == 1)
+                    # one process: the plans are not pickled and gathered to itself (31k items: about 1 s); DCP
+                    # warns that it assumes a single process, which is what was asked: not the caller's concern
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                        dcp_save(pyt_sd, storage_writer=writer, planner=planner,
+                                 no_dist=torch.distributed.get_world_size() == 1)
                 finally:
                     torch.serialization.set_crc32_options(crc)
 
@@ -140,8 +145,6 @@ def linear_overlap_checks():
     it; for the experts' gate and up halves (a [layers, experts, 2 x rows, cols] key) that is the halves' axis, so
     every gate half of every layer meets every other: 20 s of a save of Qwen3-30B-A3B's 48 layers x 128 experts,
     93 s alone for 58 x 256 (RESULTS.md, session 15). Other shardings get torch's check."""
-    import importlib
-
     with contextlib.ExitStack() as stack:
         for name in _OVERLAP_CHECKERS:
             mod = importlib.import_module(name)

