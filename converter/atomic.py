@@ -51,11 +51,8 @@ def atomic_dir(out_dir: Path, overwrite: bool, need: int | None = None, inputs: 
     sweep_stale(out_dir, inputs)
     _check_space(out_dir, need)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    fd = os.open(tmp, os.O_RDONLY)
+    fd = _locked(tmp)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        (tmp / MARK).touch()
         with disk_errors(out_dir, need):
             yield tmp
         (tmp / MARK).unlink()
@@ -86,10 +83,35 @@ def atomic_dir_all_ranks(out_dir: Path, overwrite: bool, need: int | None = None
     dist.barrier()
 
 
+def scratch_dir(out_dir: Path, inputs: tuple[Path | None, ...] = ()) -> tuple[Path, int]:
+    """A marked, locked sibling of out_dir for work begun before the conversion's own temporary directory exists
+    (preplace.py); the caller removes it, or the next run into out_dir once this one is gone. Returns it and the
+    descriptor holding its lock."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out_dir, inputs)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-early"
+    return tmp, _locked(tmp)
+
+
+def _locked(tmp: Path) -> int:
+    """Make `tmp`, lock it and mark it as ours; the descriptor holds the lock."""
+    tmp.mkdir()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        (tmp / MARK).touch()
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return fd
+
+
 def sweep_stale(out_dir: Path, inputs: tuple[Path | None, ...] = ()) -> list[Path]:
     """Remove the temporary siblings of out_dir that killed runs left: marked as ours, unlocked, not brand new,
     and not one of this run's inputs (nor holding or inside one)."""
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-\d+")
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-\d+(-early)?")
     removed = []
     for p in out_dir.parent.iterdir() if out_dir.parent.is_dir() else ():
         if not (pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and (p / MARK).is_file()):

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .errors import ConversionError
-from .kernel_copy import Run, copy_runs
+from . import preplace
+from .kernel_copy import Run, copy_runs, window, write_at
 from .rows import readable_by_rows, source_runs
 
 
@@ -54,7 +55,7 @@ class DirectWrites:
     `check` then says whether every expected piece was written that way (a piece the writer copied first, and so
     would have written as zeros, stops the conversion)."""
 
-    def __init__(self, recorder=None):
+    def __init__(self, recorder=None, placement=None):
         self.recorder = recorder  # replay.Recorder: what the streams wrote, to convert this shape again without torch
         self._lock = threading.Lock()  # placeholders are made in the resolver's thread, written in DCP's
         self._starts: list[int] = []
@@ -65,6 +66,8 @@ class DirectWrites:
         self._sizes: collections.Counter[int] = collections.Counter()
         self.copied = 0
         self.error: ConversionError | None = None  # the first write that stopped the writer
+        self.placement = placement  # preplace.Placement: source tensors copied into a file of their own early
+        self.placed: set[int] = set()  # its tensors that items were written around
 
     def placeholder(self, shape: tuple[int, ...], dtype: torch.dtype, runs: list[Run]) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)  # never read nor written: its pages are never touched
@@ -101,9 +104,9 @@ class DirectWrites:
             raise ConversionError("internal: the writer wrote past the end of a directly copied tensor")
         return start
 
-    def write(self, raw, data, name: str) -> int | None:
-        """Copy the runs behind `data` (a buffer being written) to `raw` (file `name`) at its position; None if
-        `data` is not a placeholder's piece."""
+    def take(self, data) -> tuple[list[Run], int, int] | None:
+        """The runs behind `data` (a buffer being written), the offset into them and the byte count, if `data` is
+        a placeholder's piece; it is then no longer expected."""
         n = memoryview(data).nbytes
         if not self._sizes[n]:  # (a placeholder's piece written otherwise leaves it unwritten: `check` stops then)
             return None
@@ -121,14 +124,46 @@ class DirectWrites:
             if not want:  # all its pieces are written: the placeholder may go
                 del self._pieces[start], self._held[start]
                 self._starts.remove(start)
+        return runs, addr - start, n
+
+    def copy(self, raw, piece: tuple[list[Run], int, int], name: str) -> None:
+        """A piece (`take`) copied from its runs into `raw` (file `name`) at its position."""
+        runs, skip, n = piece
         raw.flush()
         pos = raw.tell()
-        copy_runs(runs, addr - start, n, raw.fileno(), pos)
+        copy_runs(runs, skip, n, raw.fileno(), pos)
         raw.seek(pos + n)
         if self.recorder is not None:
-            self.recorder.runs(name, pos, runs, addr - start, n)
+            self.recorder.runs(name, pos, runs, skip, n)
         self.copied += n
-        return n
+
+    def place(self, held: list) -> tuple[str, int, int] | None:
+        """An item's writes (`_Stream.item`) around one placed source tensor (preplace.py), when they are that
+        tensor's bytes as stored between records that fit its room: then written there, and (file, offset, length)
+        says where; else None."""
+        p = self.placement
+        pieces = [w for w in held if not isinstance(w, bytes)]
+        if p is None or len(pieces) != 1:
+            return None
+        k = next(i for i, w in enumerate(held) if not isinstance(w, bytes))
+        before, after = b"".join(held[:k]), b"".join(held[k + 1:])
+        runs, skip, n = pieces[0]
+        run = list(window(runs, skip, n))
+        if len(run) != 1 or run[0][0] < 0 or max(len(before), len(after)) > preplace.ROOM:
+            return None
+        i = p.find(*run[0])
+        if i is None:
+            return None
+        at = p.tensors[i][3]
+        if p.claim(i):  # not (yet) copied by the thread: copied here
+            copy_runs(run, 0, n, p.fd, at)
+        write_at(p.fd, before, at - len(before))
+        write_at(p.fd, after, at + n)
+        self.placed.add(i)
+        if self.recorder is not None:
+            self.recorder.placed(preplace.FILE, at - len(before), before, run[0], after)
+        self.copied += n
+        return preplace.FILE, at - len(before), len(before) + n + len(after)
 
     def check(self) -> None:
         if self._held:
@@ -139,25 +174,74 @@ class DirectWrites:
 
 
 class _Stream:
-    """DCP's output stream, with writes of placeholder pieces turned into copies of their runs."""
+    """DCP's output stream, with writes of placeholder pieces turned into copies of their runs.
+
+    While DCP writes one item (`item`), its writes are held back, so that an item whose data is one placed source
+    tensor (preplace.py) can go around that tensor instead, in the placed file; any other item follows here as
+    it would have. A large write that is not a piece (a tensor made in memory) ends the holding back."""
 
     def __init__(self, raw, direct: DirectWrites, name: str):
         self._raw, self._direct, self._name = raw, direct, name
+        self._held: list | None = None  # the current item's writes: bytes, or a piece (DirectWrites.take)
+        self._held_bytes = 0
 
     def write(self, data) -> int:
         try:
-            n = self._direct.write(self._raw, data, self._name)
+            piece = self._direct.take(data)
         except ConversionError as exc:  # torch.save's zip writer loses it (its exit fails on the position)
             self._direct.error = self._direct.error or exc
             raise
-        if n is not None:
+        n = piece[2] if piece is not None else memoryview(data).nbytes
+        if self._held is not None and (piece is not None or n <= _HOLD):
+            self._held.append(piece if piece is not None else bytes(memoryview(data).cast("B")))
+            self._held_bytes += n
             return n
+        self._release()
+        self._put(data, piece)
+        return n
+
+    def _put(self, data, piece) -> None:
+        if piece is not None:
+            self._direct.copy(self._raw, piece, self._name)
+            return
         if self._direct.recorder is not None:
             self._direct.recorder.literal(self._name, self._raw.tell(), data)
-        return self._raw.write(data)
+        self._raw.write(data)
+
+    def _release(self) -> None:
+        """Write what was held back, here."""
+        held, self._held, self._held_bytes = self._held, None, 0
+        for w in held or ():
+            if isinstance(w, bytes):
+                self._put(w, None)
+            else:
+                self._put(None, w)
+
+    def tell(self) -> int:
+        return self._raw.tell() + self._held_bytes
+
+    @contextlib.contextmanager
+    def item(self):
+        """Hold back one item's writes; yields a list that then holds (file, offset, length) if the item went to
+        the placed file instead of this one."""
+        where: list = []
+        self._held, self._held_bytes = [], 0
+        try:
+            yield where
+            placed = self._direct.place(self._held) if self._held is not None else None
+        except BaseException:  # the conversion stops: nothing more is written
+            self._held, self._held_bytes = None, 0
+            raise
+        if placed is not None:
+            where.append(placed)
+            self._held, self._held_bytes = None, 0
+        self._release()
 
     def __getattr__(self, name):
         return getattr(self._raw, name)
+
+
+_HOLD = 16 << 10  # a write larger than this, not a piece, is no part of torch.save's records around a placed tensor
 
 
 class _FileSystem:
@@ -171,3 +255,4 @@ class _FileSystem:
 
     def __getattr__(self, name):
         return getattr(self._fs, name)
+

@@ -300,6 +300,10 @@ def _run(a) -> int:
         replayed = attempt(hf, out, _replay_options(a), overwrite=a.overwrite, progress=not a.no_progress)
         if replayed is not None:
             return _converted(a, hf, out, *replayed)
+        from . import preplace
+
+        # the source's tensors copied into the output while torch is imported (convert() ends it)
+        preplace.start(hf, out, a.dtype, a.overwrite)
     if not (a.command == "inspect" and a.format != "json"):  # the others build a megatron-core model
         from .imports import import_megatron_eager
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import gc
 
+from .stopping import exceptions_lost
 
+
+@exceptions_lost
 def _freeze_survivors(phase: str, info: dict) -> None:
     if phase == "stop" and info["generation"] == 2:  # the oldest generation: a full collection
         gc.freeze()

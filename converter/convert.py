@@ -17,13 +17,14 @@ from .errors import ConversionError
 from .dequant import open_source
 from .finite import message, nonfinite
 from .hf_io import DTYPE_NAMES, HFCheckpoint
-from . import layout, readahead, replay
+from . import layout, preplace, readahead, replay
 from .mcore_io import save_streaming
 from .model import DTYPES, parse_dtype
 from .plan import build_plan, check_source, mcore_shapes, with_source_mtp
 from .progress import Progress
 from .rows import read_rows, readable_by_rows, row_sources
 from .runtime import ensure_distributed, launched_by_torchrun
+from .workers import auto_count, forked_rank, run_forked
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
             etp: int | None = None, dtype: str | torch.dtype = "bf16", overwrite: bool = False,
@@ -40,9 +41,24 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     the output and in hf2mcore.json; they are converted by default).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    # started before torch's import by the command line, or here; ranks forked below report to it
+    dt = parse_dtype(dtype)
+    dtype_name = next((k for k, v in DTYPES.items() if v == dt), None)
+    # started before torch's import by the command line, or here by the one process of the conversion (the ranks
+    # it forks share it; the ranks of another launcher would each place the tensors in a file of their own)
+    place = preplace.following(hf_dir, out_dir, dtype_name)
+    if place is None and forked_rank() is None and (not dist.is_initialized() or dist.get_world_size() == 1):
+        place = preplace.start(hf_dir, out_dir, dtype_name, overwrite)
+    try:
+        return _convert(hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dt=dt, dtype_name=dtype_name,
+                        overwrite=overwrite, family=family, progress=progress, workers=workers, exact=exact,
+                        allow_nonfinite=allow_nonfinite, mtp=mtp, place=place)
+    finally:
+        preplace.end()  # (in the process that started it: forked ranks leave it to their parent)
+
+
+def _convert(hf_dir: Path, out_dir: Path, *, tp, pp, ep, etp, dt, dtype_name, overwrite, family, progress, workers,
+             exact, allow_nonfinite, mtp, place) -> Path:
     with readahead.following(hf_dir) as ahead:
-        dt = parse_dtype(dtype)
         spec = derive(hf_dir, family=family)
         spec.check_parallel(tp, pp, ep, etp)
         refuse_existing(out_dir, overwrite, (hf_dir,))
@@ -58,8 +74,6 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         if workers > 1:
             if launched_by_torchrun():
                 raise ConversionError("workers: under torchrun the ranks are the workers; leave --workers out")
-            from .workers import run_forked
-
             run_forked(workers, functools.partial(convert, hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dt,
                                                   overwrite=overwrite, family=family, progress=progress, exact=exact,
                                                   allow_nonfinite=allow_nonfinite, mtp=mtp))
@@ -80,12 +94,13 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
         bar = Progress(len(plan.jobs) // world, total // world, "convert" if world == 1 else f"convert rank {rank}",
                        enabled=progress and rank == 0)
         done: set[str] = set()
-        dtype_name = next((k for k, v in DTYPES.items() if v == dt), None)
+        if place is not None and rank == 0:  # what no item can be: not worth copying early
+            place.only_within(r for j in plan.jobs.values() for r in byte_runs(j, hf, dt) or ())
         record = None if launched_by_torchrun() or dtype_name is None or replay.records_dir() is None else \
             replay.Recorder(hf.spans())
         if record is not None and plan.copies:
             record.spoil("copies of tensors are compared at conversion")
-        direct = DirectWrites(record)
+        direct = DirectWrites(record, place)
 
         def make(name: str) -> torch.Tensor:
             job = plan.jobs[name]
@@ -115,8 +130,10 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
             ahead.consumed(read, rank)
             return out
 
-        need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
+        need = sum(math.prod(s) for s in shapes.values()) * dt.itemsize - (place.allocated() if place else 0)
         with atomic_dir_all_ranks(out_dir, overwrite, need, (hf_dir,)) as tmp:
+            if place is not None and rank == 0:  # from here on removed with tmp, however this run ends
+                place.move_into(layout.release_dir(tmp))
             t0 = time.time()
             mine = save_streaming(model, make, layout.release_dir(tmp), layout.common_state(ns), direct)
             bar.close()
@@ -126,6 +143,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
             left += sorted(set(plan.jobs) - {n for d in everyone for n in d})
             if left:
                 raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
+            if place is not None:
+                placed = [None] * world
+                dist.all_gather_object(placed, direct.placed)
+                if rank == 0:
+                    place.finish(set().union(*placed))
             recordings = [None] * world if rank == 0 else None
             if record is not None:
                 dist.gather_object(record.result(), recordings, dst=0)
@@ -164,8 +186,6 @@ def _check_finite(job, t: torch.Tensor) -> None:
 
 
 def _auto_workers(hf: HFCheckpoint, dt: torch.dtype) -> int:
-    from .workers import auto_count
-
     sizes = [math.prod(hf.shape(n)) * dt.itemsize for n in hf.names()]  # as written
     return auto_count(sum(sizes), max(sizes, default=0))
 

@@ -107,3 +107,11 @@ def zeros(out: int, pos: int, n: int) -> None:
     while n:
         done = os.pwrite(out, block[:n], pos)
         pos, n = pos + done, n - done
+
+
+def write_at(fd: int, data, pos: int) -> None:
+    """All of `data` into file `fd` at `pos`."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n

@@ -119,6 +119,8 @@ def _strategy_class():
                                 sync_files=True, **ahead)
                 if self._direct is not None:
                     writer.fs = self._direct.file_system(writer.fs)
+                    if self._direct.placement is not None:
+                        stack.enter_context(placing_items())
                 try:
                     # one process: the plans are not pickled and gathered to itself (31k items: about 1 s); DCP
                     # warns that it assumes a single process, which is what was asked: not the caller's concern
@@ -130,6 +132,33 @@ def _strategy_class():
                     torch.serialization.set_crc32_options(crc)
 
     return StreamingSaveStrategy
+
+
+@contextlib.contextmanager
+def placing_items():
+    """DCP's writing of one item, with its writes held back by our stream (byte_copy._Stream.item): an item that
+    went around a placed source tensor (preplace.py) gets that file, offset and length as its storage entry."""
+    import dataclasses
+
+    from torch.distributed.checkpoint import filesystem
+
+    from .byte_copy import _Stream
+
+    original = filesystem._write_item
+
+    def write_item(transforms, stream, data, write_item, *rest):
+        if not isinstance(stream, _Stream):
+            return original(transforms, stream, data, write_item, *rest)
+        with stream.item() as where:
+            result = original(transforms, stream, data, write_item, *rest)
+        if not where:
+            return result
+        path, offset, length = where[0]
+        info = dataclasses.replace(result.storage_data, relative_path=path, offset=offset, length=length)
+        return dataclasses.replace(result, size_in_bytes=length, storage_data=info)
+
+    with mock.patch.object(filesystem, "_write_item", write_item):
+        yield
 
 
 _OVERLAP_CHECKERS = ("torch.distributed._shard.sharding_spec.api", "torch.distributed._shard.sharded_tensor.api",

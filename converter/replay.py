@@ -35,7 +35,7 @@ from .atomic import atomic_dir, refuse_existing
 from .default_model import cache_dir
 from .errors import ConversionError
 from .finite import message, nonfinite
-from .kernel_copy import copy_range, window, zeros
+from .kernel_copy import copy_range, window, write_at
 from .launch import launched_by_torchrun
 from .progress import Progress
 from .shards import read_header, shard_files
@@ -129,6 +129,7 @@ class Recorder:
         self._spans = spans
         self._starts = {fd: [s[0] for s in spans] for fd, spans in self._spans.items()}
         self.files: dict[str, list] = {}
+        self.placed_items: dict[str, list] = {}  # file -> [position, segments] of each item written out of order
         self.blob = bytearray()
         self.spoiled: str | None = None
         self._ends: dict[str, int] = {}
@@ -138,6 +139,7 @@ class Recorder:
         with self._lock:
             self.spoiled = self.spoiled or why
             self.files.clear()
+            self.placed_items.clear()
             self.blob = bytearray()
 
     def _segments(self, name: str, pos: int) -> list | None:
@@ -178,6 +180,21 @@ class Recorder:
                 else:
                     self._by_tensor(segs, fd, offset, take)
 
+    def placed(self, name: str, pos: int, before: bytes, run, after: bytes) -> None:
+        """An item written at `pos` of file `name` out of order (preplace.py): its records `before` and `after`
+        around the source bytes of `run` (one kernel_copy.Run). `_store` puts each file's items in order."""
+        with self._lock:
+            if self.spoiled:
+                return
+            segs: list = []
+            for data in (before, None, after):
+                if data is None:
+                    self._by_tensor(segs, *run)
+                else:
+                    segs.append([LIT, len(self.blob), len(data)])
+                    self.blob += data
+            self.placed_items.setdefault(name, []).append([pos, segs])
+
     def _by_tensor(self, segs: list, fd: int, offset: int, n: int) -> None:
         spans, starts = self._spans.get(fd, []), self._starts.get(fd, [])
         while n:
@@ -190,8 +207,8 @@ class Recorder:
             segs.append([SRC, tensor, offset - start, take])
             offset, n = offset + take, n - take
 
-    def result(self) -> tuple[dict, bytes, str | None]:
-        return self.files, bytes(self.blob), self.spoiled
+    def result(self) -> tuple[dict, bytes, str | None, dict]:
+        return self.files, bytes(self.blob), self.spoiled, self.placed_items
 
 
 def store(hf_dir: Path, opts: dict, tmp: Path, recordings: list, manifest: dict, script: str, final: Path) -> None:
@@ -210,12 +227,25 @@ def store(hf_dir: Path, opts: dict, tmp: Path, recordings: list, manifest: dict,
 def _store(layouts: Path, k: str, hf_dir: Path, tmp: Path, recordings: list, manifest: dict, script: str,
            final: Path) -> None:
     release = layout.release_dir(tmp)
-    blob, streams = bytearray(), {}
-    for files, data, _ in recordings:
+    blob, streams, placed = bytearray(), {}, {}
+    for files, data, _, items in recordings:
         base = len(blob)
         blob += data
+        moved = lambda segs: [[LIT, s[1] + base, s[2]] if s[0] == LIT else s for s in segs]  # noqa: E731
         for name, segs in files.items():
-            streams[name] = [[LIT, s[1] + base, s[2]] if s[0] == LIT else s for s in segs]
+            streams[name] = moved(segs)
+        for name, at in items.items():
+            placed.setdefault(name, []).extend((pos, moved(segs)) for pos, segs in at)
+    for name, items in placed.items():  # in order, the space between them as zeros
+        size = (release / name).stat().st_size if (release / name).is_file() else 0
+        streams[name], end = [], 0
+        for pos, segs in sorted(items):
+            if pos < end:
+                raise ConversionError(f"recorded items of {name} overlap")
+            streams[name] += ([[ZERO, pos - end]] if pos > end else []) + segs
+            end = pos + sum(s[-1] for s in segs)
+        if size > end:
+            streams[name].append([ZERO, size - end])
     files = []
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = path.relative_to(tmp).as_posix()
@@ -348,15 +378,14 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
                         if bad:
                             raise ConversionError(bad[0])
                         if seg[0] == LIT:
-                            _write(out, memoryview(blob)[seg[1]:seg[1] + seg[2]], pos)
-                        elif seg[0] == ZERO:
-                            zeros(out, pos, seg[1])
-                        else:
+                            write_at(out, memoryview(blob)[seg[1]:seg[1] + seg[2]], pos)
+                        elif seg[0] == SRC:  # (ZERO: a new file reads as zeros where nothing was written)
                             fd, offset, _, _ = src.tensors[seg[1]]
                             copy_range(fd, offset + seg[2], seg[3], out, pos)
                             bar.update(seg[3], items=0)
                             ahead.consumed(seg[3], 0)
                         pos += seg[-1]
+                    os.ftruncate(out, pos)
                     if path.suffix == ".distcp":  # as DCP's writer (sync_files)
                         os.fsync(out)
                 finally:
@@ -380,8 +409,3 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
-
-def _write(fd: int, data: memoryview, pos: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, pos)
-        data, pos = data[n:], pos + n

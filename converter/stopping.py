@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -29,9 +30,19 @@ class Stopped(KeyboardInterrupt):
 
 
 _RECEIVED: list[int] = []
+_LOST_IN: set = set()  # code of functions whose exceptions Python drops (gc callbacks): a signal there comes again
+
+
+def exceptions_lost(fn):
+    """Mark `fn` as code whose exceptions are dropped (a gc callback: Python prints and ignores what it raises)."""
+    _LOST_IN.add(fn.__code__)
+    return fn
 
 
 def _raise(signum, frame):
+    if frame is not None and frame.f_code in _LOST_IN:  # raised there, the stop would be printed and forgotten
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     _RECEIVED.append(signum)

@@ -28,6 +28,14 @@ GRACE_S = 30.0
 MAX_AUTO = 8
 
 
+_rank: int | None = None  # in a forked rank: its number
+
+
+def forked_rank() -> int | None:
+    """This process's rank if run_forked made it, else None."""
+    return _rank
+
+
 def auto_count(out_bytes: int, largest: int) -> int:
     """How many ranks workers="auto" forks: one per 512 MiB to write (a smaller share does not pay for a rank's
     set-up), at most one per core and MAX_AUTO, and no more than the available memory holds at 1 GiB + 2 x the
@@ -127,6 +135,8 @@ def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], 
     # The parent's objects are this rank's too: its collector must not free them (a process group freed here
     # would join threads that were never forked).
     gc.freeze()
+    global _rank
+    _rank = rank
     code = 1
     try:
         die_with_parent(parent)

@@ -27,8 +27,8 @@ def _convert(hf, out, monkeypatch, **kw) -> int:
     made = []
 
     class Counted(byte_copy.DirectWrites):
-        def __init__(self, recorder=None):
-            super().__init__(recorder)
+        def __init__(self, *args):
+            super().__init__(*args)
             made.append(self)
 
     monkeypatch.setattr(conv, "DirectWrites", Counted)

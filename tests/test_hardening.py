@@ -228,6 +228,34 @@ def test_signal_cleans_up_and_exits(sig, code, workers, sizable, tmp_path):
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
 
 
+# a stop signal that arrives while a gc callback runs (collector.py's), where Python drops what a callback raises
+STOP_IN_GC_CALLBACK = """
+import gc, os, signal, sys, time
+from converter.stopping import Stopped, exceptions_lost, install
+install()
+
+@exceptions_lost
+def callback(phase, info):
+    if phase == "start":
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # the handler runs in here
+            pass
+
+gc.callbacks.append(callback)
+try:
+    gc.collect()
+    time.sleep(5)
+    print("not stopped")
+except Stopped:
+    print("stopped")
+"""
+
+
+def test_a_stop_during_a_gc_callback_is_not_lost():
+    r = subprocess.run([sys.executable, "-c", STOP_IN_GC_CALLBACK], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "stopped", (r.stdout, r.stderr)
+
+
 @pytest.mark.slow
 def test_killed_parent_takes_its_ranks_and_the_next_run_sweeps(sizable, tmp_path):
     p = _start("convert", sizable, tmp_path / "out", "--no-progress", "--workers", "2")

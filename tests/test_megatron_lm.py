@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import FAMILY_CONFIGS, MTP_CONFIGS
-from converter import derive
+from converter import derive, preplace
 from converter.convert import convert
 from converter.export import export
 from converter.spec import MEASURED
@@ -34,6 +34,8 @@ CHECKPOINT_ARGS = ("transformers:glm4_moe:Glm4MoeForCausalLM", "deepseek-ai/Deep
 SAVED = ("Qwen/Qwen3-30B-A3B", "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3")
 # the family whose checkpoint is also written by replaying a record of its conversion (replay.py), without torch
 REPLAYED = SAVED[0]
+# the family also converted with its tensors placed early (preplace.py) by two ranks
+PLACED = SAVED[0]
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +115,17 @@ def _recording(records):
             os.environ["HF2MCORE_REPLAY"] = before
 
 
+@contextlib.contextmanager
+def _placing_all():
+    """Conversions inside place every tensor early (preplace.py): the tiny models' are all below MIN_BYTES."""
+    before = preplace.MIN_BYTES
+    preplace.MIN_BYTES = 1
+    try:
+        yield
+    finally:
+        preplace.MIN_BYTES = before
+
+
 @pytest.fixture(scope="session")
 def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
     """Every family's tiny model converted as written (and with --exact where the flags cannot say everything),
@@ -151,6 +164,9 @@ def verdicts(tiny_models, mtp_models, smollm2, megatron_lm, tmp_path_factory):
         add(name, "mtp_save", mc, ids_for(8, 4), mode="save")
     for name in SAVED:
         add(name, "save", cases[name]["plain"][1], ids_for(8, 4), mode="save")
+    with _placing_all():  # every tensor of the tiny model placed early (preplace.py), by two forked ranks
+        add(PLACED, "placed", convert(tiny_models(PLACED), root / "placed", dtype="fp32", progress=False, workers=2),
+            cases[PLACED]["plain"][2])
     # bf16: hf2mcore keeps megatron-core's fp32 Mamba A_log and D; Megatron-LM's bf16 model saves them in bf16
     hybrid_bf16 = convert(tiny_models(SAVED[1], "bf16"), root / "hybrid_bf16", dtype="bf16", progress=False)
     add(SAVED[1], "bf16_save", hybrid_bf16, ids_for(8, 4), mode="save")
@@ -191,6 +207,14 @@ def test_smollm2_in_megatron_lm(smollm2, verdicts):
     (j, _, ids) = verdicts["smollm2"]["plain"]
     assert ids.shape[1] > 50
     assert_judged(verdict(j), hf_logits(smollm2, ids))
+
+
+def test_placed_tensors_in_megatron_lm(tiny_models, verdicts):
+    """A checkpoint whose items mostly lie in the file of tensors placed early (preplace.py) loads strictly in
+    Megatron-LM from its megatron_args.sh and computes HF's logits."""
+    (j, out, ids) = verdicts[PLACED]["placed"]
+    assert (out / "release" / preplace.FILE).stat().st_size > 0
+    assert_judged(verdict(j), hf_logits(tiny_models(PLACED), ids))
 
 
 def test_a_replayed_checkpoint_in_megatron_lm(tiny_models, verdicts):

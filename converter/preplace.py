@@ -1,0 +1,248 @@
+"""Source tensors copied into the checkpoint while torch and megatron-core are still being imported.
+
+A first conversion spent its first 2.5 s importing torch and megatron-core on one core while the other idled, and
+only then began to copy (RESULTS.md, session 17): on Llama-3.2-1B that start-up alone was 1.08x a plain copy of
+the files. Which Megatron tensor ends up where in DCP's files is known only after those imports, but most
+checkpoint items are one whole source tensor as stored (a norm, an output projection, the gate or the up half of
+one expert's linear_fc1). So, before the imports, every source tensor of the output's dtype gets a place of its
+own in one extra file, `FILE`, with room around it, and a thread copies the tensors there (os.copy_file_range,
+as the writer does). When DCP writes an item whose bytes are exactly one such tensor, byte_copy.py puts torch.save's
+records (704 and 873 bytes in torch 2.14) into the room around it and the item's storage entry names that place;
+items that are anything else are written as before, into their rank's own file. DCP's reader finds every item by
+its file, offset and length, so Megatron-LM reads this file as any other.
+
+The copying runs in the process that imports, and after a fork (--workers) beside the ranks; each tensor is copied
+once, by whichever gets to it first (`claim`). At the end, rank 0 stops the copying, completes any tensor an item
+relies on that the copying did not finish, gives back the space of tensors no item used (the q/k/v projections
+interleaved into linear_qkv, for one), and syncs the file (`finish`).
+
+Without torch: the command line starts this before its imports. Only a head start: where it cannot run (no space,
+an error) the writer copies every tensor itself.
+"""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from .errors import ConversionError
+from .kernel_copy import copy_range
+from .launch import launched_by_torchrun
+from .shards import read_header, shard_files
+
+FILE = "__placed.distcp"
+ROOM = 4096  # bytes left free before and after each tensor for torch.save's records; data starts page-aligned
+MIN_BYTES = 1 << 20  # smaller tensors are not worth two pages of room each (and are few bytes in all)
+_STEP = 64 << 20  # bytes copied between two looks at the stop flag
+FREE, COPYING, COPIED, TAKEN = 0, 1, 2, 3  # per tensor: nobody's yet; the thread's; the thread's, done; a rank's
+_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+_STOP, _IDLE = 0, 1  # flags: the thread is to stop; the thread has stopped
+
+
+class Placement:
+    """Where each eligible source tensor goes in FILE (inside `scratch`), and the thread copying them there."""
+
+    def __init__(self, hf_dir: Path, out_dir: Path, dtype: str, scratch: Path, lock: int):
+        self.hf_dir, self.out_dir, self.scratch = hf_dir.resolve(), out_dir.resolve(), scratch
+        self._lock_fd = lock  # holds the scratch directory's lock (atomic.scratch_dir)
+        self.dtype = dtype
+        self.path = scratch / FILE
+        self._fds: list[int] = []
+        self.tensors: list[tuple[int, int, int, int]] = []  # (source fd, offset, byte count, place in FILE)
+        self._index: dict[tuple[int, int, int, int], int] = {}  # (device, inode, offset, bytes) -> tensor
+        at = 0
+        for f in shard_files(hf_dir)[0]:
+            header, start = read_header(hf_dir / f)
+            fd = os.open(hf_dir / f, os.O_RDONLY)
+            self._fds.append(fd)
+            st = os.fstat(fd)
+            mine = [(v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()
+                    if k != "__metadata__" and v.get("dtype") == _DTYPES[dtype]]
+            for begin, n in sorted(mine):
+                if n < MIN_BYTES or start + begin + n > st.st_size:  # (a truncated file is the reader's to report)
+                    continue
+                place = -(-(at + ROOM) // ROOM) * ROOM
+                self._index[(st.st_dev, st.st_ino, start + begin, n)] = len(self.tensors)
+                self.tensors.append((fd, start + begin, n, place))
+                at = place + n + ROOM
+        self.size = at
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        # shared with ranks forked later: each tensor's state, and the flags
+        self._state = mmap.mmap(-1, max(1, len(self.tensors)))
+        self._flags = mmap.mmap(-1, 2)
+        self._lock = multiprocessing.Lock()
+        self._owner = os.getpid()
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._copy_all, name="hf2mcore-preplace", daemon=True)
+        self._thread.start()
+
+    def find(self, fd: int, offset: int, n: int) -> int | None:
+        """The tensor whose bytes are bytes [offset, offset + n) of open file `fd`, if it has a place."""
+        st = os.fstat(fd)
+        return self._index.get((st.st_dev, st.st_ino, offset, n))
+
+    def only_within(self, runs) -> None:
+        """Leave uncopied every tensor that lies whole within none of `runs` (the byte runs of all Megatron tensors,
+        kernel_copy.Run): no item can be exactly it (the q/k/v projections interleaved per query group, say)."""
+        by_file: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for (dev, ino, offset, n), i in self._index.items():
+            by_file.setdefault((dev, ino), []).append((offset, offset + n, i))
+        for spans in by_file.values():
+            spans.sort()
+        files: dict[int, list] = {}
+        keep = set()
+        for fd, offset, n in runs:
+            if fd < 0:
+                continue
+            if fd not in files:
+                st = os.fstat(fd)
+                files[fd] = by_file.get((st.st_dev, st.st_ino), [])
+            spans = files[fd]
+            j = bisect.bisect_left(spans, (offset,))
+            while j < len(spans) and spans[j][0] < offset + n:
+                if spans[j][1] <= offset + n:
+                    keep.add(spans[j][2])
+                j += 1
+        with self._lock:
+            for i in range(len(self.tensors)):
+                if i not in keep and self._state[i] == FREE:
+                    self._state[i] = TAKEN
+
+    def allocated(self) -> int:
+        """Bytes of disk the placed file takes now."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def claim(self, i: int) -> bool:
+        """Tensor i for the caller to copy (True), or already the thread's (False)."""
+        with self._lock:
+            if self._state[i] == FREE:
+                self._state[i] = TAKEN
+                return True
+            return False
+
+    def _copy_all(self) -> None:
+        try:
+            for i, (fd, offset, n, place) in enumerate(self.tensors):
+                with self._lock:
+                    if self._flags[_STOP] or self._state[i] != FREE:
+                        continue
+                    self._state[i] = COPYING
+                done = 0
+                while done < n:
+                    if self._flags[_STOP]:
+                        return
+                    step = min(_STEP, n - done)
+                    copy_range(fd, offset + done, step, self.fd, place + done)
+                    done += step
+                self._state[i] = COPIED
+        except (OSError, ConversionError) as exc:  # only a head start: `finish` copies what this left undone
+            self.error = exc
+        finally:
+            self._flags[_IDLE] = 1
+
+    def stop(self) -> None:
+        """Stop the copying and wait for it (from any process that shares the state)."""
+        self._flags[_STOP] = 1
+        while not self._flags[_IDLE]:
+            time.sleep(0.002)
+
+    def move_into(self, release_dir: Path) -> None:
+        """Rank 0, once the conversion's temporary directory exists: FILE moves into it (`release_dir`), and with
+        it into the conversion's own cleanup; the scratch directory goes."""
+        release_dir.mkdir(parents=True, exist_ok=True)
+        self.path.rename(release_dir / FILE)
+        self.path = release_dir / FILE
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def finish(self, used: set[int]) -> None:
+        """Rank 0, after every rank has written: complete the tensors the items in FILE rely on, give back the
+        space of those none uses and sync FILE; without any use, FILE goes."""
+        self.stop()
+        end = 0
+        for i, (fd, offset, n, place) in enumerate(self.tensors):
+            if i in used:
+                if self._state[i] == COPYING:  # stopped (or failed) midway: the rest is copied now
+                    copy_range(fd, offset, n, self.fd, place)
+                end = max(end, place + n + ROOM)
+            elif self._state[i] in (COPYING, COPIED):
+                _punch(self.fd, place, n)
+        if not used:
+            self.path.unlink()
+            return
+        os.ftruncate(self.fd, end)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """The owner, at the end of the run: stop copying and close."""
+        if os.getpid() != self._owner:
+            return
+        self.stop()
+        for fd in (*self._fds, self.fd, self._lock_fd):
+            os.close(fd)
+        self._fds, self.fd, self._lock_fd = [], -1, -1
+
+
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _punch(fd: int, pos: int, n: int) -> None:
+    """Give back the disk space of bytes [pos, pos + n) of `fd`: they read as zeros (best effort)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn(fd, _FALLOC_PUNCH, pos, n)
+
+
+_started: Placement | None = None
+
+
+def start(hf_dir: Path, out_dir: Path, dtype: str, overwrite: bool) -> Placement | None:
+    """Begin copying `hf_dir`'s tensors of `dtype` (bf16, fp16, fp32) for a conversion into `out_dir`, in a
+    scratch directory beside it (atomic.scratch_dir); None where it should not (torchrun, an output it would refuse,
+    no tensor to place, too little space): the conversion then says what is wrong, if anything."""
+    from . import atomic
+
+    global _started
+    if launched_by_torchrun() or dtype not in _DTYPES:
+        return None
+    try:
+        atomic.refuse_existing(out_dir, overwrite, (hf_dir,))
+        scratch, lock = atomic.scratch_dir(out_dir, (hf_dir,))
+    except (ConversionError, OSError):
+        return None
+    try:
+        place = Placement(hf_dir, out_dir, dtype, scratch, lock)
+    except (ConversionError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        os.close(lock)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return None
+    _started = place
+    if not place.tensors or shutil.disk_usage(scratch).free < place.size + (64 << 20):
+        end()
+        return None
+    return place
+
+
+def following(hf_dir: Path, out_dir: Path, dtype: str) -> Placement | None:
+    """The placement started for this conversion by this process (or the one it was forked from), if any."""
+    p = _started
+    if p is not None and p.hf_dir == hf_dir.resolve() and p.out_dir == out_dir.resolve() and p.dtype == dtype:
+        return p
+    return None
+
+
+def end() -> None:
+    """The owner, after the conversion (whatever its outcome): stop, close, remove the scratch directory."""
+    global _started
+    p, _started = _started, None
+    if p is not None and os.getpid() == p._owner:
+        p.close()
+        shutil.rmtree(p.scratch, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""Source tensors copied into the checkpoint while torch is imported (preplace.py): the checkpoint reads back as the
+one written without that head start, tensor for tensor, whoever copied each tensor (the early thread, a rank, or
+the end for one the thread left half-done); what no item uses takes no space; a failed run leaves nothing behind;
+and a recorded conversion with placed tensors replays byte for byte."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converter import ConversionError, atomic, kernel_copy, preplace
+from converter.convert import convert
+from converter.untrusted import reading
+
+LLAMA, MOE, PACKED = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B", "openai/gpt-oss-20b"
+
+
+@pytest.fixture
+def place_all(monkeypatch):
+    """Every tensor of the tiny models has a place (they are far below MIN_BYTES)."""
+    monkeypatch.setattr(preplace, "MIN_BYTES", 1)
+
+
+def _items(ckpt) -> dict:
+    """Every stored item of a torch_dist checkpoint: (key, offsets) -> (file, its bytes as a flat uint8 tensor)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    release = ckpt / "release"
+    with reading(str(release / ".metadata")):
+        md = FileSystemReader(str(release)).read_metadata()
+    out = {}
+    for index, info in md.storage_data.items():
+        with open(release / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        if isinstance(md.state_dict_metadata[index.fqn], TensorStorageMetadata):
+            data = torch.load(io.BytesIO(raw), weights_only=True).contiguous().view(-1).view(torch.uint8)
+        else:  # megatron-core's objects: their archive's bytes
+            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        out[index.fqn, tuple(index.offset or ())] = (info.relative_path, data)
+    return out
+
+
+def _unplaced(hf, out, monkeypatch, **kw):
+    with monkeypatch.context() as m:
+        m.setattr(preplace, "MIN_BYTES", 1 << 62)
+        return convert(hf, out, progress=False, **kw)
+
+
+def _same_tensors(placed, unplaced) -> int:
+    """How many items lie in the placed file; every item holds the same bytes as without placing."""
+    a, b = _items(placed), _items(unplaced)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k][1], b[k][1]), k
+    assert all(f != preplace.FILE for f, _ in b.values())
+    return sum(f == preplace.FILE for f, _ in a.values())
+
+
+def _no_leftovers(d) -> None:
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name,workers", [(LLAMA, 2), (MOE, 1), (PACKED, 1)])
+def test_placed_tensors_read_back_as_written_without_them(name, workers, tiny_models, tmp_path, monkeypatch,
+                                                          place_all):
+    hf = tiny_models(name, "bf16")
+    placed = convert(hf, tmp_path / "placed", dtype="bf16", progress=False, workers=workers)
+    unplaced = _unplaced(hf, tmp_path / "unplaced", monkeypatch, dtype="bf16", workers=workers)
+    n = _same_tensors(placed, unplaced)
+    items = _items(placed)
+    if name == PACKED:  # its experts are slices of packed tensors: no item is a whole source tensor
+        assert n < len(items) / 2
+    else:
+        assert n > len(items) / 2
+    # the q/k/v projections are interleaved into linear_qkv: never one item, so they take no space in the file
+    assert not any(f == preplace.FILE for (k, _), (f, _) in items.items() if k.endswith("linear_qkv.weight"))
+    path = placed / "release" / preplace.FILE
+    if path.exists():
+        used = sum(t.numel() for f, t in items.values() if f == preplace.FILE)
+        assert os.stat(path).st_blocks * 512 <= used + 2 * preplace.ROOM * n + (1 << 16)
+    _no_leftovers(tmp_path)
+    # at another dtype nothing is placed
+    fp32 = convert(hf, tmp_path / "fp32", dtype="fp32", progress=False)
+    assert not (fp32 / "release" / preplace.FILE).exists()
+
+
+def test_a_tensor_the_early_copy_left_half_done_is_completed(tiny_models, tmp_path, monkeypatch, place_all):
+    """The copying thread stops (or fails) inside a tensor that an item relies on: the end of the conversion
+    copies that tensor again, whole."""
+    hf = tiny_models(LLAMA, "bf16")
+
+    def half_of_each(self):
+        for i, (fd, offset, n, at) in enumerate(self.tensors):
+            with self._lock:
+                self._state[i] = preplace.COPYING
+            kernel_copy.copy_range(fd, offset, n // 2, self.fd, at)
+        self._flags[preplace._IDLE] = 1
+
+    monkeypatch.setattr(preplace.Placement, "_copy_all", half_of_each)
+    placed = convert(hf, tmp_path / "placed", dtype="bf16", progress=False, workers=2)
+    assert _same_tensors(placed, _unplaced(hf, tmp_path / "unplaced", monkeypatch, dtype="bf16")) > 0
+
+
+def test_a_failed_conversion_leaves_no_placed_file(tiny_models, tmp_path, monkeypatch, place_all):
+    hf = tiny_models(LLAMA, "bf16")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((hf / "config.json").read_bytes())
+    t = load_file(hf / "model.safetensors")
+    t["model.layers.1.mlp.down_proj.weight"][0, 1] = float("inf")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    for workers in (1, 2):
+        with pytest.raises(ConversionError, match="down_proj.weight holds 1 non-finite"):
+            convert(bad, tmp_path / "out", dtype="bf16", progress=False, workers=workers)
+        assert not (tmp_path / "out").exists()
+        _no_leftovers(tmp_path)
+
+
+def test_the_early_directory_of_a_killed_run_is_swept(tiny_models, tmp_path, place_all):
+    hf = tiny_models(LLAMA, "bf16")
+    left = tmp_path / ".out.tmp-999999-early"
+    left.mkdir()
+    (left / atomic.MARK).touch()
+    (left / preplace.FILE).write_bytes(b"x" * 100)
+    old = time.time() - 3600
+    os.utime(left, (old, old))
+    convert(hf, tmp_path / "out", dtype="bf16", progress=False)
+    assert not left.exists()
+    _no_leftovers(tmp_path)
+
+
+# the command line in a fresh interpreter, with every tiny tensor placed; the last line says whether torch was imported
+CLI = ("import sys; import converter.preplace as p; p.MIN_BYTES = 1; from converter.cli import main; "
+       "rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)")
+
+
+def _cli(records, *args):
+    env = {**os.environ, "HF2MCORE_REPLAY": str(records)}
+    return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("name,workers", [(LLAMA, 2), (MOE, 1)])
+def test_a_placed_conversion_replays_byte_for_byte(name, workers, tmp_path):
+    from tiny import make_model, tiny_config
+
+    src = [make_model(tiny_config(name), tmp_path / f"src{s}", dtype=torch.bfloat16, seed=s) for s in (0, 1)]
+    records = tmp_path / "records"
+    r = _cli(records, "convert", src[0], tmp_path / "first", "--workers", workers, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "first" / "release" / preplace.FILE).is_file()
+    r = _cli(records, "convert", src[1], tmp_path / "replayed", "--no-progress")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", r.stderr
+    r = _cli("off", "convert", src[1], tmp_path / "torch", "--workers", workers, "--no-progress")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True", r.stderr
+    release = {d: {p.name: p.read_bytes() for p in (tmp_path / d / "release").iterdir()} for d in ("replayed", "torch")}
+    assert release["replayed"] == release["torch"]
+    manifest = json.loads((tmp_path / "replayed" / "hf2mcore.json").read_text())
+    assert manifest["writer"].startswith("replayed")
