@@ -21,7 +21,7 @@ import torch
 
 from .errors import ConversionError
 from . import preplace
-from .kernel_copy import Run, copy_runs, window, write_at
+from .kernel_copy import Run, copy_runs, window
 from .rows import readable_by_rows, source_runs
 
 
@@ -67,7 +67,7 @@ class DirectWrites:
         self.copied = 0
         self.error: ConversionError | None = None  # the first write that stopped the writer
         self.placement = placement  # preplace.Placement: source tensors copied into a file of their own early
-        self.placed: set[int] = set()  # its tensors that items were written around
+        self.placed: dict[int, tuple[int, bytes, bytes]] = {}  # its tensors items go around: where, their records
 
     def placeholder(self, shape: tuple[int, ...], dtype: torch.dtype, runs: list[Run]) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)  # never read nor written: its pages are never touched
@@ -139,8 +139,9 @@ class DirectWrites:
 
     def place(self, held: list) -> tuple[str, int, int] | None:
         """An item's writes (`_Stream.item`) around one placed source tensor (preplace.py), when they are that
-        tensor's bytes as stored between records that fit its room: then written there, and (file, offset, length)
-        says where; else None."""
+        tensor's bytes as stored between records that fit its room, and the early copying has the tensor: then
+        (file, offset, length) says where the item lies, and its records are kept for `Placement.finish` to write
+        (nothing else writes into that file while its copying runs); else None."""
         p = self.placement
         pieces = [w for w in held if not isinstance(w, bytes)]
         if p is None or len(pieces) != 1:
@@ -152,14 +153,10 @@ class DirectWrites:
         if len(run) != 1 or run[0][0] < 0 or max(len(before), len(after)) > preplace.ROOM:
             return None
         i = p.find(*run[0])
-        if i is None:
+        if i is None or not p.copied_early(i):
             return None
         at = p.tensors[i][3]
-        if p.claim(i):  # not (yet) copied by the thread: copied here
-            copy_runs(run, 0, n, p.fd, at)
-        write_at(p.fd, before, at - len(before))
-        write_at(p.fd, after, at + n)
-        self.placed.add(i)
+        self.placed[i] = (at - len(before), before, after)
         if self.recorder is not None:
             self.recorder.placed(preplace.FILE, at - len(before), before, run[0], after)
         self.copied += n

@@ -6,15 +6,17 @@ the files. Which Megatron tensor ends up where in DCP's files is known only afte
 checkpoint items are one whole source tensor as stored (a norm, an output projection, the gate or the up half of
 one expert's linear_fc1). So, before the imports, every source tensor of the output's dtype gets a place of its
 own in one extra file, `FILE`, with room around it, and a thread copies the tensors there (os.copy_file_range,
-as the writer does). When DCP writes an item whose bytes are exactly one such tensor, byte_copy.py puts torch.save's
-records (704 and 873 bytes in torch 2.14) into the room around it and the item's storage entry names that place;
-items that are anything else are written as before, into their rank's own file. DCP's reader finds every item by
-its file, offset and length, so Megatron-LM reads this file as any other.
+as the writer does). When DCP writes an item whose bytes are exactly one such tensor, byte_copy.py keeps
+torch.save's records of it (704 and 873 bytes in torch 2.14) for the room around the tensor, and the item's storage
+entry names that place; items that are anything else are written as before, into their rank's own file. DCP's
+reader finds every item by its file, offset and length, so Megatron-LM reads this file as any other.
 
-The copying runs in the process that imports, and after a fork (--workers) beside the ranks; each tensor is copied
-once, by whichever gets to it first (`claim`). At the end, rank 0 stops the copying, completes any tensor an item
-relies on that the copying did not finish, gives back the space of tensors no item used (the q/k/v projections
-interleaved into linear_qkv, for one), and syncs the file (`finish`).
+The copying runs in the process that imports, and after a fork (--workers) beside the ranks, until the end. A
+tensor it has not reached when the writer needs it is left to the writer (`copied_early`), and only the thread
+writes into FILE until then: two processes writing one file spin on its lock. At the end, rank 0 stops the
+copying, writes every item's records, completes any tensor an item relies on that the copying left half-done,
+gives back the space of tensors no item used (the q/k/v projections interleaved into linear_qkv, for one), and
+syncs the file (`finish`).
 
 Without torch: the command line starts this before its imports. Only a head start: where it cannot run (no space,
 an error) the writer copies every tensor itself.
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 from .errors import ConversionError
-from .kernel_copy import copy_range
+from .kernel_copy import copy_range, write_at
 from .launch import launched_by_torchrun
 from .shards import read_header, shard_files
 
@@ -40,7 +42,7 @@ FILE = "__placed.distcp"
 ROOM = 4096  # bytes left free before and after each tensor for torch.save's records; data starts page-aligned
 MIN_BYTES = 1 << 20  # smaller tensors are not worth two pages of room each (and are few bytes in all)
 _STEP = 64 << 20  # bytes copied between two looks at the stop flag
-FREE, COPYING, COPIED, TAKEN = 0, 1, 2, 3  # per tensor: nobody's yet; the thread's; the thread's, done; a rank's
+FREE, COPYING, COPIED, TAKEN = 0, 1, 2, 3  # per tensor: nobody's yet; the thread's; the thread's, done; not here
 _DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _STOP, _IDLE = 0, 1  # flags: the thread is to stop; the thread has stopped
 
@@ -118,13 +120,14 @@ class Placement:
         """Bytes of disk the placed file takes now."""
         return os.fstat(self.fd).st_blocks * 512
 
-    def claim(self, i: int) -> bool:
-        """Tensor i for the caller to copy (True), or already the thread's (False)."""
+    def copied_early(self, i: int) -> bool:
+        """Whether tensor i is (being) copied here; if the copying has not reached it, it never will: the writer
+        writes it into its rank's own file, as any other item. (Were two processes to write into one file at once,
+        each would spin on the file's lock while the other copies: 4 s more of kernel time on the MoE input.)"""
         with self._lock:
             if self._state[i] == FREE:
                 self._state[i] = TAKEN
-                return True
-            return False
+            return self._state[i] in (COPYING, COPIED)
 
     def _copy_all(self) -> None:
         try:
@@ -160,15 +163,19 @@ class Placement:
         self.path = release_dir / FILE
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def finish(self, used: set[int]) -> None:
-        """Rank 0, after every rank has written: complete the tensors the items in FILE rely on, give back the
-        space of those none uses and sync FILE; without any use, FILE goes."""
+    def finish(self, used: dict[int, tuple[int, bytes, bytes]]) -> None:
+        """Rank 0, after every rank has written: stop the copying, write the records of the items around their
+        tensors (`used`: byte_copy.DirectWrites.placed of every rank), complete the tensors the copying left
+        half-done, give back the space of those no item uses and sync FILE; without any use, FILE goes."""
         self.stop()
         end = 0
         for i, (fd, offset, n, place) in enumerate(self.tensors):
             if i in used:
                 if self._state[i] == COPYING:  # stopped (or failed) midway: the rest is copied now
                     copy_range(fd, offset, n, self.fd, place)
+                at, before, after = used[i]
+                write_at(self.fd, before, at)
+                write_at(self.fd, after, place + n)
                 end = max(end, place + n + ROOM)
             elif self._state[i] in (COPYING, COPIED):
                 _punch(self.fd, place, n)

@@ -91,21 +91,33 @@ def test_placed_tensors_read_back_as_written_without_them(name, workers, tiny_mo
     assert not (fp32 / "release" / preplace.FILE).exists()
 
 
-def test_a_tensor_the_early_copy_left_half_done_is_completed(tiny_models, tmp_path, monkeypatch, place_all):
-    """The copying thread stops (or fails) inside a tensor that an item relies on: the end of the conversion
-    copies that tensor again, whole."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tensors_the_early_copy_left_half_done_or_never_reached(workers, tiny_models, tmp_path, monkeypatch,
+                                                                 place_all):
+    """The copying thread stops (or fails) inside a tensor that an item relies on: the end of the conversion copies
+    that tensor again, whole. A tensor it never reached is written into its rank's own file. With no tensor
+    reached at all, no placed file is left."""
     hf = tiny_models(LLAMA, "bf16")
+    unplaced = _unplaced(hf, tmp_path / "unplaced", monkeypatch, dtype="bf16")
 
-    def half_of_each(self):
-        for i, (fd, offset, n, at) in enumerate(self.tensors):
+    def half_of_every_other(self):
+        for i, (fd, offset, n, at) in enumerate(self.tensors[::2]):
             with self._lock:
-                self._state[i] = preplace.COPYING
+                self._state[2 * i] = preplace.COPYING
             kernel_copy.copy_range(fd, offset, n // 2, self.fd, at)
         self._flags[preplace._IDLE] = 1
 
-    monkeypatch.setattr(preplace.Placement, "_copy_all", half_of_each)
-    placed = convert(hf, tmp_path / "placed", dtype="bf16", progress=False, workers=2)
-    assert _same_tensors(placed, _unplaced(hf, tmp_path / "unplaced", monkeypatch, dtype="bf16")) > 0
+    monkeypatch.setattr(preplace.Placement, "_copy_all", half_of_every_other)
+    placed = convert(hf, tmp_path / "placed", dtype="bf16", progress=False, workers=workers)
+    n = _same_tensors(placed, unplaced)
+    written_by_ranks = [k for (k, _), (f, _) in _items(placed).items()
+                        if f != preplace.FILE and k.endswith("weight") and not k.endswith("linear_qkv.weight")]
+    assert n > 0 and written_by_ranks
+
+    monkeypatch.setattr(preplace.Placement, "_copy_all", lambda self: self._flags.__setitem__(preplace._IDLE, 1))
+    none = convert(hf, tmp_path / "none", dtype="bf16", progress=False, workers=workers)
+    assert _same_tensors(none, unplaced) == 0 and not (none / "release" / preplace.FILE).exists()
+    _no_leftovers(tmp_path)
 
 
 def test_a_failed_conversion_leaves_no_placed_file(tiny_models, tmp_path, monkeypatch, place_all):
