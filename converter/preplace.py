@@ -80,7 +80,6 @@ class Placement:
         self._flags = mmap.mmap(-1, 2)
         self._lock = multiprocessing.Lock()
         self._owner = os.getpid()
-        self.error: OSError | None = None
         self._thread = threading.Thread(target=self._copy_all, name="hf2mcore-preplace", daemon=True)
         self._thread.start()
 
@@ -144,8 +143,8 @@ class Placement:
                     copy_range(fd, offset + done, step, self.fd, place + done)
                     done += step
                 self._state[i] = COPIED
-        except (OSError, ConversionError) as exc:  # only a head start: `finish` copies what this left undone
-            self.error = exc
+        except (OSError, ConversionError):  # only a head start: `finish` copies what this left half-done, and the
+            pass  # writer meets the error itself (a full disk, a source cut short) where it matters
         finally:
             self._flags[_IDLE] = 1
 

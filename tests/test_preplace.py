@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from converter import ConversionError, atomic, kernel_copy, preplace
 from converter.convert import convert
+from converter.export import export
 from converter.untrusted import reading
+from test_convert import assert_bit_exact
 
 LLAMA, MOE, PACKED = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B", "openai/gpt-oss-20b"
 
@@ -86,6 +88,7 @@ def test_placed_tensors_read_back_as_written_without_them(name, workers, tiny_mo
         used = sum(t.numel() for f, t in items.values() if f == preplace.FILE)
         assert os.stat(path).st_blocks * 512 <= used + 2 * preplace.ROOM * n + (1 << 16)
     _no_leftovers(tmp_path)
+    assert_bit_exact(hf, export(placed, tmp_path / "back", progress=False))  # read back through its storage entries
     # at another dtype nothing is placed
     fp32 = convert(hf, tmp_path / "fp32", dtype="fp32", progress=False)
     assert not (fp32 / "release" / preplace.FILE).exists()
