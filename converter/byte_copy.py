@@ -5,7 +5,9 @@ vocabulary padding) is a list of byte runs of the safetensors files. Such a tens
 writer gets a placeholder of its size whose pages are never touched, and where torch.save (inside DCP's writer)
 writes the placeholder's bytes, the output stream copies the runs instead with os.copy_file_range: page cache to
 page cache inside the kernel, as `cat` does. Every other byte of the file (zip records, pickles, .metadata) is
-DCP's and torch.save's own, so the file is the one a write from memory gives, byte for byte.
+DCP's and torch.save's own, so the file is the one a write from memory gives, byte for byte. Where the source's
+tensors were copied into the checkpoint early (preplace.py), an item that is one of them is the same archive, around
+that copy instead (`_Stream.item`, `DirectWrites.place`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Source tensors copied into the checkpoint while torch is imported (preplace.py): the checkpoint reads back as the
-one written without that head start, tensor for tensor, whoever copied each tensor (the early thread, a rank, or
-the end for one the thread left half-done); what no item uses takes no space; a failed run leaves nothing behind;
-and a recorded conversion with placed tensors replays byte for byte."""
+one written without that head start, tensor for tensor, however each tensor got there (the early thread, the end of
+the conversion for one the thread left half-done, its rank's own file for one the thread never reached); what no
+item uses takes no space; a failed run leaves nothing behind; and a recorded conversion with placed tensors replays
+byte for byte. (Megatron-LM's own loader judges a placed checkpoint in test_megatron_lm.py.)"""
 import io
 import json
 import os
