@@ -68,7 +68,7 @@ def _convert(hf_dir: Path, out_dir: Path, *, tp, pp, ep, etp, dt, dtype_name, ov
         if not mtp:
             spec = with_source_mtp(spec, hf.names(), keep=False)
         if workers == "auto":
-            workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt)
+            workers = 1 if launched_by_torchrun() else _auto_workers(hf, dt, place)
         if not isinstance(workers, int) or workers < 1:
             raise ConversionError(f"workers must be a positive number or 'auto', not {workers!r}")
         if workers > 1:
@@ -185,9 +185,11 @@ def _check_finite(job, t: torch.Tensor) -> None:
     raise ConversionError(message(job.sources, bad, str(t.dtype).removeprefix("torch."), job.mcore))
 
 
-def _auto_workers(hf: HFCheckpoint, dt: torch.dtype) -> int:
+def _auto_workers(hf: HFCheckpoint, dt: torch.dtype, place) -> int:
+    """By the bytes still to copy: what the early copying (preplace.py) has done needs no rank (on the 2-core box it
+    had done nearly all of Llama-3.2-1B by the end of the imports)."""
     sizes = [math.prod(hf.shape(n)) * dt.itemsize for n in hf.names()]  # as written
-    return auto_count(sum(sizes), max(sizes, default=0))
+    return auto_count(sum(sizes) - (place.copied() if place else 0), max(sizes, default=0))
 
 
 def _nbytes(hf: HFCheckpoint, name: str) -> int:

@@ -115,6 +115,10 @@ class Placement:
                 if i not in keep and self._state[i] == FREE:
                     self._state[i] = TAKEN
 
+    def copied(self) -> int:
+        """Bytes of the tensors the thread has copied so far."""
+        return sum(n for i, (_, _, n, _) in enumerate(self.tensors) if self._state[i] == COPIED)
+
     def allocated(self) -> int:
         """Bytes of disk the placed file takes now."""
         return os.fstat(self.fd).st_blocks * 512

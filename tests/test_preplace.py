@@ -179,3 +179,29 @@ def test_a_placed_conversion_replays_byte_for_byte(name, workers, tmp_path):
     assert release["replayed"] == release["torch"]
     manifest = json.loads((tmp_path / "replayed" / "hf2mcore.json").read_text())
     assert manifest["writer"].startswith("replayed")
+
+
+def test_auto_ranks_are_counted_by_the_bytes_still_to_copy(tiny_models, tmp_path, monkeypatch):
+    """workers="auto" gives ranks only to what the early copying has not done."""
+    import importlib
+
+    from converter.shards import read_header
+
+    conv = importlib.import_module("converter.convert")
+    hf = tiny_models(MOE, "bf16")
+    header, _ = read_header(hf / "model.safetensors")
+    sizes = sorted(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    monkeypatch.setattr(preplace, "MIN_BYTES", sizes[len(sizes) // 2])  # the larger half placed
+    start = preplace.start
+
+    def done_before_counting(*a):
+        p = start(*a)
+        p._thread.join()
+        return p
+
+    seen = []
+    monkeypatch.setattr(preplace, "start", done_before_counting)
+    monkeypatch.setattr(conv, "auto_count", lambda out, largest: seen.append(out) or 1)
+    convert(hf, tmp_path / "out", dtype="bf16", progress=False, workers="auto")
+    left = sum(n for n in sizes if n < preplace.MIN_BYTES)
+    assert seen == [left] and 0 < left < sum(sizes) / 2
