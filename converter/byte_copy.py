@@ -145,12 +145,12 @@ class DirectWrites:
         (file, offset, length) says where the item lies, and its records are kept for `Placement.finish` to write
         (nothing else writes into that file while its copying runs); else None."""
         p = self.placement
-        pieces = [w for w in held if not isinstance(w, bytes)]
+        pieces = [i for i, w in enumerate(held) if not isinstance(w, bytes)]
         if p is None or len(pieces) != 1:
             return None
-        k = next(i for i, w in enumerate(held) if not isinstance(w, bytes))
+        k = pieces[0]
         before, after = b"".join(held[:k]), b"".join(held[k + 1:])
-        runs, skip, n = pieces[0]
+        runs, skip, n = held[k]
         run = list(window(runs, skip, n))
         if len(run) != 1 or run[0][0] < 0 or max(len(before), len(after)) > preplace.ROOM:
             return None
@@ -254,4 +254,3 @@ class _FileSystem:
 
     def __getattr__(self, name):
         return getattr(self._fs, name)
-

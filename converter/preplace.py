@@ -29,14 +29,16 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
 
+from . import readahead
 from .errors import ConversionError
 from .kernel_copy import copy_range, write_at
 from .launch import launched_by_torchrun
-from .shards import read_header, shard_files
+from .shards import read_header
 
 FILE = "__placed.distcp"
 ROOM = 4096  # bytes left free before and after each tensor for torch.save's records; data starts page-aligned
@@ -59,22 +61,29 @@ class Placement:
         self.tensors: list[tuple[int, int, int, int]] = []  # (source fd, offset, byte count, place in FILE)
         self._index: dict[tuple[int, int, int, int], int] = {}  # (device, inode, offset, bytes) -> tensor
         at = 0
-        for f in shard_files(hf_dir)[0]:
-            header, start = read_header(hf_dir / f)
-            fd = os.open(hf_dir / f, os.O_RDONLY)
-            self._fds.append(fd)
-            st = os.fstat(fd)
-            mine = [(v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()
-                    if k != "__metadata__" and v.get("dtype") == _DTYPES[dtype]]
-            for begin, n in sorted(mine):
-                if n < MIN_BYTES or start + begin + n > st.st_size:  # (a truncated file is the reader's to report)
+        try:
+            for path, _ in readahead.plan(hf_dir):  # the shards, regular files only (a FIFO would block)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                self._fds.append(fd)
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
                     continue
-                place = -(-(at + ROOM) // ROOM) * ROOM
-                self._index[(st.st_dev, st.st_ino, start + begin, n)] = len(self.tensors)
-                self.tensors.append((fd, start + begin, n, place))
-                at = place + n + ROOM
-        self.size = at
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                header, start = read_header(path)
+                mine = [(v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                        for k, v in header.items() if k != "__metadata__" and v.get("dtype") == _DTYPES[dtype]]
+                for begin, n in sorted(mine):
+                    if n < MIN_BYTES or start + begin + n > st.st_size:  # (a truncated file: the reader reports it)
+                        continue
+                    place = -(-(at + ROOM) // ROOM) * ROOM
+                    self._index[(st.st_dev, st.st_ino, start + begin, n)] = len(self.tensors)
+                    self.tensors.append((fd, start + begin, n, place))
+                    at = place + n + ROOM
+            self.size = at
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except BaseException:
+            for fd in self._fds:
+                os.close(fd)
+            raise
         # shared with ranks forked later: each tensor's state, and the flags
         self._state = mmap.mmap(-1, max(1, len(self.tensors)))
         self._flags = mmap.mmap(-1, 2)
