@@ -38,8 +38,21 @@ STARTUP = ("import converter, os; from converter.imports import import_megatron_
            "import torch.distributed.checkpoint; os._exit(0)")
 
 
+def machine_kernel() -> float:
+    """Seconds all cores have spent in the kernel so far (/proc/stat: system, irq, softirq), the kernel's own
+    threads included: `cat` leaves its writeback to the flusher threads, whose time no process is charged; 0 where
+    there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = f.readline().split()[1:]
+    except OSError:
+        return 0.0
+    return sum(int(ticks[i]) for i in (2, 5, 6)) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(cmd):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine = machine_kernel()
     t = time.perf_counter()
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t
@@ -48,10 +61,11 @@ def measure(cmd):
         # the exception, not a progress bar or log line printed after it
         raised = [line for line in lines if re.search(r"(Error|Exception|Interrupt|StopIteration)\b", line)]
         sys.exit(f"exit {r.returncode}: {(raised or lines or ['(no message)'])[-1]}")
+    machine = machine_kernel() - machine
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     kernel = after.ru_stime - before.ru_stime
     cpu = (after.ru_utime - before.ru_utime) + kernel
-    return wall, cpu, after.ru_maxrss / 1024, kernel  # MiB: maxrss of the largest child so far
+    return wall, cpu, after.ru_maxrss / 1024, kernel, machine  # MiB: maxrss of the largest child so far
 
 
 def settle(path: Path, timeout: float = 60.0) -> None:
@@ -184,20 +198,22 @@ def main():
             runs[name].append(tuple(map(float, r.stdout.split())))
             cached = "" if before is None else f" (input {100 * before:.0f} % cached before it was read)"
             print(f"  {name}: {runs[name][-1][0]:.1f} s{cached}", file=sys.stderr, flush=True)
-    print("| tool | wall s (median) | CPU s | kernel s | peak RSS MiB | paired ratio to floor (median) | runs (wall s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tool | wall s (median) | CPU s | kernel s | machine's kernel s | peak RSS MiB | paired ratio to floor "
+          "(median) | runs (wall s) |")
+    print("|---|---|---|---|---|---|---|---|")
     floor = None
     for name, rs in runs.items():
         if name in errors:
-            print(f"| {name} | could not run: {errors[name].replace('|', '/')} | | | | | |")
+            print(f"| {name} | could not run: {errors[name].replace('|', '/')} | | | | | | |")
             continue
         wall = statistics.median(r[0] for r in rs)
         cpu = statistics.median(r[1] for r in rs)
         kernel = statistics.median(r[3] for r in rs)
+        machine = statistics.median(r[4] for r in rs)
         rss = max(r[2] for r in rs)
         floor = floor or rs  # the first tool's runs; round i of each tool ran in the floor's round i
         paired = statistics.median(r[0] / f[0] for r, f in zip(rs, floor))
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {kernel:.1f} | {rss:.0f} | {paired:.2f}x | "
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {kernel:.1f} | {machine:.1f} | {rss:.0f} | {paired:.2f}x | "
               + " ".join(f"{r[0]:.1f}" for r in rs) + " |")
     this = next((k for k in tools if k.startswith("hf2mcore convert (") and k not in errors), None)
     if this is not None:

@@ -157,12 +157,12 @@ class DirectWrites:
         i = p.find(*run[0])
         if i is None or not p.copied_early(i):
             return None
-        at = p.tensors[i][3]
+        _, _, _, k, at = p.tensors[i]
         self.placed[i] = (at - len(before), before, after)
         if self.recorder is not None:
-            self.recorder.placed(preplace.FILE, at - len(before), before, run[0], after)
+            self.recorder.placed(preplace.name(k), at - len(before), before, run[0], after)
         self.copied += n
-        return preplace.FILE, at - len(before), len(before) + n + len(after)
+        return preplace.name(k), at - len(before), len(before) + n + len(after)
 
     def check(self) -> None:
         if self._held:
@@ -176,7 +176,7 @@ class _Stream:
     """DCP's output stream, with writes of placeholder pieces turned into copies of their runs.
 
     While DCP writes one item (`item`), its writes are held back, so that an item whose data is one placed source
-    tensor (preplace.py) can go around that tensor instead, in the placed file; any other item follows here as
+    tensor (preplace.py) can go around that tensor instead, in its placed file; any other item follows here as
     it would have. A large write that is not a piece (a tensor made in memory) ends the holding back."""
 
     def __init__(self, raw, direct: DirectWrites, name: str):
@@ -222,7 +222,7 @@ class _Stream:
     @contextlib.contextmanager
     def item(self):
         """Hold back one item's writes; yields a list that then holds (file, offset, length) if the item went to
-        the placed file instead of this one."""
+        a placed file instead of this one."""
         where: list = []
         self._held, self._held_bytes = [], 0
         try:

@@ -5,18 +5,19 @@ only then began to copy (RESULTS.md, session 17): on Llama-3.2-1B that start-up 
 the files. Which Megatron tensor ends up where in DCP's files is known only after those imports, but most
 checkpoint items are one whole source tensor as stored (a norm, an output projection, the gate or the up half of
 one expert's linear_fc1). So, before the imports, every source tensor of the output's dtype gets a place of its
-own in one extra file, `FILE`, with room around it, and a thread copies the tensors there (os.copy_file_range,
-as the writer does). When DCP writes an item whose bytes are exactly one such tensor, byte_copy.py keeps
+own in one of a few extra files (`name(k)`), with room around it, and one thread per file copies the tensors
+there (os.copy_file_range, as the writer does). One file per core: the kernel's copy of a file's bytes is one core's
+memcpy and two threads writing one file spin on its lock, while two threads writing two files copied the 8 GiB MoE
+input in 0.5-0.8x the time of `cat` (RESULTS.md, session 19). When DCP writes an item whose bytes are exactly one such tensor, byte_copy.py keeps
 torch.save's records of it (704 and 873 bytes in torch 2.14) for the room around the tensor, and the item's storage
 entry names that place; items that are anything else are written as before, into their rank's own file. DCP's
 reader finds every item by its file, offset and length, so Megatron-LM reads this file as any other.
 
 The copying runs in the process that imports, and after a fork (--workers) beside the ranks, until the end. A
-tensor it has not reached when the writer needs it is left to the writer (`copied_early`), and only the thread
-writes into FILE until then: two processes writing one file spin on its lock. At the end, rank 0 stops the
-copying, writes every item's records, completes any tensor an item relies on that the copying left half-done,
+tensor it has not reached when the writer needs it the writer copies into its place itself (`copied_early`), or,
+where the file takes no direct writes, into its rank's own file. At the end, rank 0 stops the copying, writes every item's records, completes any tensor an item relies on that the copying left half-done,
 gives back the space of tensors no item used (the q/k/v projections interleaved into linear_qkv, for one), and
-syncs the file (`finish`).
+syncs the files (`finish`).
 
 Without torch: the command line starts this before its imports. Only a head start: where it cannot run (no space,
 an error) the writer copies every tensor itself.
@@ -36,31 +37,36 @@ from pathlib import Path
 
 from . import readahead
 from .errors import ConversionError
-from .kernel_copy import copy_range, write_at
-from .launch import launched_by_torchrun
+from .kernel_copy import ALIGN, direct_copy, open_direct, write_at
+from .launch import cores, launched_by_torchrun
 from .shards import read_header
 
-FILE = "__placed.distcp"
-ROOM = 4096  # bytes left free before and after each tensor for torch.save's records; data starts page-aligned
+PREFIX = "__placed_"  # the placed files: PREFIX + k + ".distcp"
+ROOM = 4096  # bytes left free before and after each tensor for torch.save's records
 MIN_BYTES = 1 << 20  # smaller tensors are not worth two pages of room each (and are few bytes in all)
 _STEP = 64 << 20  # bytes copied between two looks at the stop flag
+FILE_BYTES = 256 << 20  # a file (and its thread) for every this many bytes to place, one per core at most
+MAX_FILES = 8
 FREE, COPYING, COPIED, TAKEN = 0, 1, 2, 3  # per tensor: nobody's yet; the thread's; the thread's, done; not here
 _DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-_STOP, _IDLE = 0, 1  # flags: the thread is to stop; the thread has stopped
+_STOP = 0  # flags: the threads are to stop; flag 1 + k: thread k has stopped
+
+
+def name(k: int) -> str:
+    """The k-th placed file's name."""
+    return f"{PREFIX}{k}.distcp"
 
 
 class Placement:
-    """Where each eligible source tensor goes in FILE (inside `scratch`), and the thread copying them there."""
+    """Where each eligible source tensor goes in the placed files (inside `scratch`), and the threads copying them
+    there."""
 
     def __init__(self, hf_dir: Path, out_dir: Path, dtype: str, scratch: Path, lock: int):
         self.hf_dir, self.out_dir, self.scratch = hf_dir.resolve(), out_dir.resolve(), scratch
         self._lock_fd = lock  # holds the scratch directory's lock (atomic.scratch_dir)
         self.dtype = dtype
-        self.path = scratch / FILE
         self._fds: list[int] = []
-        self.tensors: list[tuple[int, int, int, int]] = []  # (source fd, offset, byte count, place in FILE)
-        self._index: dict[tuple[int, int, int, int], int] = {}  # (device, inode, offset, bytes) -> tensor
-        at = 0
+        found: list[tuple[int, int, int, tuple]] = []  # (source fd, offset, byte count, its key in _index)
         try:
             for path, _ in readahead.plan(hf_dir):  # the shards, regular files only (a FIFO would block)
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -72,25 +78,44 @@ class Placement:
                 mine = [(v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
                         for k, v in header.items() if k != "__metadata__" and v.get("dtype") == _DTYPES[dtype]]
                 for begin, n in sorted(mine):
-                    if n < MIN_BYTES or start + begin + n > st.st_size:  # (a truncated file: the reader reports it)
-                        continue
-                    place = -(-(at + ROOM) // ROOM) * ROOM
-                    self._index[(st.st_dev, st.st_ino, start + begin, n)] = len(self.tensors)
-                    self.tensors.append((fd, start + begin, n, place))
-                    at = place + n + ROOM
-            self.size = at
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                    if n >= MIN_BYTES and start + begin + n <= st.st_size:  # (a truncated file: the reader says)
+                        found.append((fd, start + begin, n, (st.st_dev, st.st_ino, start + begin, n)))
+            files = max(1, min(cores(), MAX_FILES, sum(t[2] for t in found) // FILE_BYTES))
+            # each tensor, in the source's order, into the file with the fewest bytes so far: the threads finish
+            # together
+            ends = [0] * files
+            self.tensors: list[tuple[int, int, int, int, int]] = []  # (source fd, offset, bytes, file, place there)
+            self._index: dict[tuple[int, int, int, int], int] = {}  # (device, inode, offset, bytes) -> tensor
+            for fd, offset, n, key in found:
+                k = min(range(files), key=ends.__getitem__)
+                # at the source's offset modulo ALIGN: most of the tensor is then written directly (direct_copy)
+                place = -(-(ends[k] + ROOM) // ALIGN) * ALIGN + offset % ALIGN
+                self._index[key] = len(self.tensors)
+                self.tensors.append((fd, offset, n, k, place))
+                ends[k] = place + n + ROOM
+            self.size = sum(ends)
+            self.paths = [scratch / name(k) for k in range(files)]
+            self.out: list[int] = []  # the placed files, open
+            self._direct: list[int] = []  # the same, opened for writing with O_DIRECT (or -1)
+            for path in self.paths:
+                self.out.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))
+                self._direct.append(open_direct(path))
+            for fd, end in zip(self.out, ends):
+                os.ftruncate(fd, end)  # its full size at once: no direct write extends it
         except BaseException:
-            for fd in self._fds:
-                os.close(fd)
+            for fd in (*self._fds, *getattr(self, "out", ()), *getattr(self, "_direct", ())):
+                if fd >= 0:
+                    os.close(fd)
             raise
         # shared with ranks forked later: each tensor's state, and the flags
         self._state = mmap.mmap(-1, max(1, len(self.tensors)))
-        self._flags = mmap.mmap(-1, 2)
+        self._flags = mmap.mmap(-1, 1 + files)
         self._lock = multiprocessing.Lock()
         self._owner = os.getpid()
-        self._thread = threading.Thread(target=self._copy_all, name="hf2mcore-preplace", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._copy_all, args=(k,), name=f"hf2mcore-preplace-{k}",
+                                          daemon=True) for k in range(files)]
+        for t in self._threads:
+            t.start()
 
     def find(self, fd: int, offset: int, n: int) -> int | None:
         """The tensor whose bytes are bytes [offset, offset + n) of open file `fd`, if it has a place."""
@@ -125,25 +150,38 @@ class Placement:
                     self._state[i] = TAKEN
 
     def copied(self) -> int:
-        """Bytes of the tensors the thread has copied so far."""
-        return sum(n for i, (_, _, n, _) in enumerate(self.tensors) if self._state[i] == COPIED)
+        """Bytes of the tensors the threads have copied so far."""
+        return sum(t[2] for i, t in enumerate(self.tensors) if self._state[i] == COPIED)
 
     def allocated(self) -> int:
-        """Bytes of disk the placed file takes now."""
-        return os.fstat(self.fd).st_blocks * 512
+        """Bytes of disk the placed files take now."""
+        return sum(os.fstat(fd).st_blocks * 512 for fd in self.out)
 
     def copied_early(self, i: int) -> bool:
-        """Whether tensor i is (being) copied here; if the copying has not reached it, it never will: the writer
-        writes it into its rank's own file, as any other item. (Were two processes to write into one file at once,
-        each would spin on the file's lock while the other copies: 4 s more of kernel time on the MoE input.)"""
+        """Whether tensor i is (being) copied here, by the time this returns. One the copying has not reached yet
+        the writer copies here itself, where the file takes direct writes; elsewhere it is left to the writer's own
+        file, as any other item: two processes writing one file through the page cache each spin on its lock while
+        the other copies (4 s more of kernel time on the MoE input, RESULTS.md session 18), where a direct write
+        waits for the disk without holding a core."""
+        fd, offset, n, k, place = self.tensors[i]
         with self._lock:
-            if self._state[i] == FREE:
-                self._state[i] = TAKEN
-            return self._state[i] in (COPYING, COPIED)
+            state = self._state[i]
+            if state == FREE:
+                self._state[i] = COPYING if self._direct[k] >= 0 else TAKEN
+        if state != FREE:
+            return state in (COPYING, COPIED)
+        if self._direct[k] < 0:
+            return False
+        direct_copy(fd, offset, n, self.out[k], self._direct[k], place)
+        self._state[i] = COPIED
+        return True
 
-    def _copy_all(self) -> None:
+    def _copy_all(self, k: int) -> None:
+        """Thread k: copy file k's tensors, in order."""
         try:
-            for i, (fd, offset, n, place) in enumerate(self.tensors):
+            for i, (fd, offset, n, file, place) in enumerate(self.tensors):
+                if file != k:
+                    continue
                 with self._lock:
                     if self._flags[_STOP] or self._state[i] != FREE:
                         continue
@@ -153,58 +191,61 @@ class Placement:
                     if self._flags[_STOP]:
                         return
                     step = min(_STEP, n - done)
-                    copy_range(fd, offset + done, step, self.fd, place + done)
+                    direct_copy(fd, offset + done, step, self.out[k], self._direct[k], place + done)
                     done += step
                 self._state[i] = COPIED
         except (OSError, ConversionError):  # only a head start: `finish` copies what this left half-done, and the
             pass  # writer meets the error itself (a full disk, a source cut short) where it matters
         finally:
-            self._flags[_IDLE] = 1
+            self._flags[1 + k] = 1
 
     def stop(self) -> None:
         """Stop the copying and wait for it (from any process that shares the state)."""
         self._flags[_STOP] = 1
-        while not self._flags[_IDLE]:
+        while not all(self._flags[1:]):
             time.sleep(0.002)
 
     def move_into(self, release_dir: Path) -> None:
-        """Rank 0, once the conversion's temporary directory exists: FILE moves into it (`release_dir`), and with
-        it into the conversion's own cleanup; the scratch directory goes."""
+        """Rank 0, once the conversion's temporary directory exists: the placed files move into it (`release_dir`),
+        and with it into the conversion's own cleanup; the scratch directory goes."""
         release_dir.mkdir(parents=True, exist_ok=True)
-        self.path.rename(release_dir / FILE)
-        self.path = release_dir / FILE
+        for k, path in enumerate(self.paths):
+            path.rename(release_dir / path.name)
+            self.paths[k] = release_dir / path.name
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def finish(self, used: dict[int, tuple[int, bytes, bytes]]) -> None:
         """Rank 0, after every rank has written: stop the copying, write the records of the items around their
         tensors (`used`: byte_copy.DirectWrites.placed of every rank), complete the tensors the copying left
-        half-done, give back the space of those no item uses and sync FILE; without any use, FILE goes."""
+        half-done, give back the space of those no item uses and sync the files; a file no item uses goes."""
         self.stop()
-        end = 0
-        for i, (fd, offset, n, place) in enumerate(self.tensors):
+        ends = [0] * len(self.out)
+        for i, (fd, offset, n, k, place) in enumerate(self.tensors):
             if i in used:
                 if self._state[i] == COPYING:  # stopped (or failed) midway: the rest is copied now
-                    copy_range(fd, offset, n, self.fd, place)
+                    direct_copy(fd, offset, n, self.out[k], self._direct[k], place)
                 at, before, after = used[i]
-                write_at(self.fd, before, at)
-                write_at(self.fd, after, place + n)
-                end = max(end, place + n + ROOM)
+                write_at(self.out[k], before, at)
+                write_at(self.out[k], after, place + n)
+                ends[k] = max(ends[k], place + n + ROOM)
             elif self._state[i] in (COPYING, COPIED):
-                _punch(self.fd, place, n)
-        if not used:
-            self.path.unlink()
-            return
-        os.ftruncate(self.fd, end)
-        os.fsync(self.fd)
+                _punch(self.out[k], place, n)
+        for k, end in enumerate(ends):
+            if not end:
+                self.paths[k].unlink()
+                continue
+            os.ftruncate(self.out[k], end)
+            os.fsync(self.out[k])
 
     def close(self) -> None:
         """The owner, at the end of the run: stop copying and close."""
         if os.getpid() != self._owner:
             return
         self.stop()
-        for fd in (*self._fds, self.fd, self._lock_fd):
-            os.close(fd)
-        self._fds, self.fd, self._lock_fd = [], -1, -1
+        for fd in (*self._fds, *self.out, *self._direct, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fds, self.out, self._direct, self._lock_fd = [], [], [], -1
 
 
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE

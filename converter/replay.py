@@ -21,6 +21,7 @@ dequantization) or under torchrun records nothing.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -35,8 +36,8 @@ from .atomic import atomic_dir, refuse_existing
 from .default_model import cache_dir
 from .errors import ConversionError
 from .finite import message, nonfinite
-from .kernel_copy import copy_range, window, write_at
-from .launch import launched_by_torchrun
+from .kernel_copy import direct_copy, open_direct, window, write_at
+from .launch import cores, launched_by_torchrun
 from .progress import Progress
 from .shards import read_header, shard_files
 
@@ -367,30 +368,44 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
         if not opts["allow_nonfinite"]:
             checker.start()
         bar = Progress(len(files), total, "convert (replayed)", enabled=progress, unit="files")
-        try:
-            for rel, segs in files:
-                path = tmp / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                try:
-                    pos = 0
-                    for seg in segs:
-                        if bad:
-                            raise ConversionError(bad[0])
-                        if seg[0] == LIT:
-                            write_at(out, memoryview(blob)[seg[1]:seg[1] + seg[2]], pos)
-                        elif seg[0] == SRC:  # (ZERO: a new file reads as zeros where nothing was written)
-                            fd, offset, _, _ = src.tensors[seg[1]]
-                            copy_range(fd, offset + seg[2], seg[3], out, pos)
+        counting = threading.Lock()
+
+        def write(rel: str, segs: list) -> None:
+            path = tmp / rel
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            direct = open_direct(path)
+            try:
+                pos = 0
+                for seg in segs:
+                    if bad:
+                        raise ConversionError(bad[0])
+                    if seg[0] == LIT:
+                        write_at(out, memoryview(blob)[seg[1]:seg[1] + seg[2]], pos)
+                    elif seg[0] == SRC:  # (ZERO: a new file reads as zeros where nothing was written)
+                        fd, offset, _, _ = src.tensors[seg[1]]
+                        direct_copy(fd, offset + seg[2], seg[3], out, direct, pos)
+                        with counting:
                             bar.update(seg[3], items=0)
                             ahead.consumed(seg[3], 0)
-                        pos += seg[-1]
-                    os.ftruncate(out, pos)
-                    if path.suffix == ".distcp":  # as DCP's writer (sync_files)
-                        os.fsync(out)
-                finally:
-                    os.close(out)
+                    pos += seg[-1]
+                os.ftruncate(out, pos)
+                if path.suffix == ".distcp":  # as DCP's writer (sync_files)
+                    os.fsync(out)
+            finally:
+                os.close(out)
+                if direct >= 0:
+                    os.close(direct)
+            with counting:
                 bar.update(0)
+
+        for rel, _ in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        # the files at once, one per core: the kernel's copy into one file is one core's work (preplace.py)
+        largest = sorted(files, key=lambda f: -sum(s[-1] for s in f[1]))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(cores(), len(files)))) as pool:
+                for done in [pool.submit(write, rel, segs) for rel, segs in largest]:
+                    done.result()
         finally:
             stop.set()
             if checker.ident is not None:

@@ -259,6 +259,62 @@ def test_the_writeback_starts_once_a_step_of_bytes_is_copied(tmp_path, monkeypat
     assert (tmp_path / "out").read_bytes() == data
 
 
+def _direct_writes(monkeypatch, direct_fds, fail=None):
+    """os.pwrite, counting the bytes written through the descriptors in `direct_fds` (or failing there with errno
+    `fail`)."""
+    written, pwrite = [0], os.pwrite
+
+    def counted(fd, data, pos):
+        if fd in direct_fds:
+            if fail:
+                raise OSError(fail, os.strerror(fail))
+            written[0] += len(data)
+        return pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", counted)
+    return written
+
+
+def test_a_direct_copy_writes_the_whole_pages_directly_and_the_ends_through_the_page_cache(tmp_path, monkeypatch):
+    """Source offsets off any page boundary, copies over several map windows, and copies of less than a page: the
+    file holds the source's bytes; every whole page between a copy's ends went through the O_DIRECT descriptor.
+    Where the disk refuses that (EINVAL), the copy and every one after go through copy_range; a source cut short
+    under the copy stops it."""
+    monkeypatch.setattr(kernel_copy, "_STEP", 3 * kernel_copy.ALIGN)  # several windows per copy
+    a = kernel_copy.ALIGN
+    data = os.urandom(64 * a)
+    (tmp_path / "src").write_bytes(data)
+    path = tmp_path / "out"
+    src, out = os.open(tmp_path / "src", os.O_RDONLY), os.open(path, os.O_RDWR | os.O_CREAT)
+    direct = kernel_copy.open_direct(path)
+    if direct < 0:
+        pytest.skip(f"{tmp_path} takes no O_DIRECT writes")
+    copies = [(5, 20 * a + 17), (30 * a + 100, 50), (40 * a + 3, a - 3), (44 * a, 10 * a)]  # (offset, bytes)
+    try:
+        written = _direct_writes(monkeypatch, {direct})
+        for offset, n in copies:
+            kernel_copy.direct_copy(src, offset, n, out, direct, offset + 3 * a)  # at the offset modulo a page
+        whole = sum(max(0, (o + n) // a - -(-o // a)) * a for o, n in copies)
+        assert written[0] == whole == 29 * a
+        os.fsync(out)
+        got = path.read_bytes()
+        for offset, n in copies:
+            assert got[offset + 3 * a:offset + 3 * a + n] == data[offset:offset + n]
+        with pytest.raises(ConversionError, match="ended early"):  # a map past the source's end
+            kernel_copy.direct_copy(src, 60 * a, 8 * a, out, direct, 60 * a)
+
+        monkeypatch.setattr(kernel_copy, "_direct", True)
+        os.ftruncate(out, 0)
+        refused = _direct_writes(monkeypatch, {direct}, fail=errno.EINVAL)
+        kernel_copy.direct_copy(src, 1, 30 * a, out, direct, 1)
+        assert kernel_copy._direct is False
+        kernel_copy.direct_copy(src, 40 * a, 10 * a, out, direct, 40 * a)
+        assert path.read_bytes()[1:30 * a + 1] == data[1:30 * a + 1]
+        assert path.read_bytes()[40 * a:50 * a] == data[40 * a:50 * a] and refused == [0]
+    finally:
+        os.close(src), os.close(out), os.close(direct)
+
+
 def test_a_repeated_value_is_torch_saves_archive_byte_for_byte(crc32):
     """Plain values by their pickle (megatron-core's `[None]` of each expert's `_extra_state`); other objects to
     torch.save."""

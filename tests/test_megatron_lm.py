@@ -117,13 +117,14 @@ def _recording(records):
 
 @contextlib.contextmanager
 def _placing_all():
-    """Conversions inside place every tensor early (preplace.py): the tiny models' are all below MIN_BYTES."""
-    before = preplace.MIN_BYTES
-    preplace.MIN_BYTES = 1
+    """Conversions inside place every tensor early (preplace.py; the tiny models' are all below MIN_BYTES), in two
+    files (two threads)."""
+    before = preplace.MIN_BYTES, preplace.FILE_BYTES, preplace.cores
+    preplace.MIN_BYTES, preplace.FILE_BYTES, preplace.cores = 1, 1, lambda: 2
     try:
         yield
     finally:
-        preplace.MIN_BYTES = before
+        preplace.MIN_BYTES, preplace.FILE_BYTES, preplace.cores = before
 
 
 @pytest.fixture(scope="session")
@@ -210,10 +211,11 @@ def test_smollm2_in_megatron_lm(smollm2, verdicts):
 
 
 def test_placed_tensors_in_megatron_lm(tiny_models, verdicts):
-    """A checkpoint whose items mostly lie in the file of tensors placed early (preplace.py) loads strictly in
+    """A checkpoint whose items mostly lie in the files of tensors placed early (preplace.py) loads strictly in
     Megatron-LM from its megatron_args.sh and computes HF's logits."""
     (j, out, ids) = verdicts[PLACED]["placed"]
-    assert (out / "release" / preplace.FILE).stat().st_size > 0
+    placed = list((out / "release").glob(preplace.PREFIX + "*"))
+    assert len(placed) == 2 and all(p.stat().st_size > 0 for p in placed)
     assert_judged(verdict(j), hf_logits(tiny_models(PLACED), ids))
 
 

@@ -25,8 +25,10 @@ LLAMA, MOE, PACKED = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B", "openai/gp
 
 @pytest.fixture
 def place_all(monkeypatch):
-    """Every tensor of the tiny models has a place (they are far below MIN_BYTES)."""
+    """Every tensor of the tiny models has a place (they are far below MIN_BYTES), in two files (two threads)."""
     monkeypatch.setattr(preplace, "MIN_BYTES", 1)
+    monkeypatch.setattr(preplace, "FILE_BYTES", 1)
+    monkeypatch.setattr(preplace, "cores", lambda: 2)
 
 
 def _items(ckpt) -> dict:
@@ -56,14 +58,22 @@ def _unplaced(hf, out, monkeypatch, **kw):
         return convert(hf, out, progress=False, **kw)
 
 
+def _placed(f: str) -> bool:
+    return f.startswith(preplace.PREFIX)
+
+
 def _same_tensors(placed, unplaced) -> int:
-    """How many items lie in the placed file; every item holds the same bytes as without placing."""
+    """How many items lie in the placed files; every item holds the same bytes as without placing."""
     a, b = _items(placed), _items(unplaced)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k][1], b[k][1]), k
-    assert all(f != preplace.FILE for f, _ in b.values())
-    return sum(f == preplace.FILE for f, _ in a.values())
+    assert not any(_placed(f) for f, _ in b.values())
+    return sum(_placed(f) for f, _ in a.values())
+
+
+def _placed_files(ckpt) -> list:
+    return sorted((ckpt / "release").glob(preplace.PREFIX + "*"))
 
 
 def _no_leftovers(d) -> None:
@@ -83,44 +93,55 @@ def test_placed_tensors_read_back_as_written_without_them(name, workers, tiny_mo
     else:
         assert n > len(items) / 2
     # the q/k/v projections are interleaved into linear_qkv: never one item, so they take no space in the file
-    assert not any(f == preplace.FILE for (k, _), (f, _) in items.items() if k.endswith("linear_qkv.weight"))
-    path = placed / "release" / preplace.FILE
-    if path.exists():
-        used = sum(t.numel() for f, t in items.values() if f == preplace.FILE)
-        assert os.stat(path).st_blocks * 512 <= used + 2 * preplace.ROOM * n + (1 << 16)
+    assert not any(_placed(f) for (k, _), (f, _) in items.items() if k.endswith("linear_qkv.weight"))
+    used = {f: 0 for f, _ in items.values() if _placed(f)}
+    for f, t in items.values():
+        if f in used:
+            used[f] += t.numel()
+    assert [p.name for p in _placed_files(placed)] == sorted(used)  # a file no item uses is gone
+    if name != PACKED:  # both threads' files are used
+        assert len(used) == 2
+    for f, nbytes in used.items():
+        assert os.stat(placed / "release" / f).st_blocks * 512 <= nbytes + 2 * preplace.ROOM * n + (1 << 16)
     _no_leftovers(tmp_path)
     assert_bit_exact(hf, export(placed, tmp_path / "back", progress=False))  # read back through its storage entries
     # at another dtype nothing is placed
     fp32 = convert(hf, tmp_path / "fp32", dtype="fp32", progress=False)
-    assert not (fp32 / "release" / preplace.FILE).exists()
+    assert not _placed_files(fp32)
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_tensors_the_early_copy_left_half_done_or_never_reached(workers, tiny_models, tmp_path, monkeypatch,
+def test_tensors_the_early_copy_left_half_done_or_never_reached(workers, direct, tiny_models, tmp_path, monkeypatch,
                                                                  place_all):
     """The copying thread stops (or fails) inside a tensor that an item relies on: the end of the conversion copies
-    that tensor again, whole. A tensor it never reached is written into its rank's own file. With no tensor
-    reached at all, no placed file is left."""
+    that tensor again, whole. A tensor it never reached the writer copies into its place itself, where the file
+    takes direct writes, and else into its rank's own file (and with no tensor reached at all, no placed file is
+    left)."""
     hf = tiny_models(LLAMA, "bf16")
     unplaced = _unplaced(hf, tmp_path / "unplaced", monkeypatch, dtype="bf16")
+    if not direct:
+        monkeypatch.setattr(preplace, "open_direct", lambda path: -1)
 
-    def half_of_every_other(self):
-        for i, (fd, offset, n, at) in enumerate(self.tensors[::2]):
-            with self._lock:
-                self._state[2 * i] = preplace.COPYING
-            kernel_copy.copy_range(fd, offset, n // 2, self.fd, at)
-        self._flags[preplace._IDLE] = 1
+    def half_of_every_other(self, k):
+        for i, (fd, offset, n, file, at) in enumerate(self.tensors):
+            if i % 2 == 0 and file == k:
+                with self._lock:
+                    self._state[i] = preplace.COPYING
+                kernel_copy.copy_range(fd, offset, n // 2, self.out[k], at)
+        self._flags[1 + k] = 1
 
     monkeypatch.setattr(preplace.Placement, "_copy_all", half_of_every_other)
     placed = convert(hf, tmp_path / "placed", dtype="bf16", progress=False, workers=workers)
     n = _same_tensors(placed, unplaced)
     written_by_ranks = [k for (k, _), (f, _) in _items(placed).items()
-                        if f != preplace.FILE and k.endswith("weight") and not k.endswith("linear_qkv.weight")]
-    assert n > 0 and written_by_ranks
+                        if not _placed(f) and k.endswith("weight") and not k.endswith("linear_qkv.weight")]
+    assert n > 0 and bool(written_by_ranks) != direct
 
-    monkeypatch.setattr(preplace.Placement, "_copy_all", lambda self: self._flags.__setitem__(preplace._IDLE, 1))
+    monkeypatch.setattr(preplace.Placement, "_copy_all", lambda self, k: self._flags.__setitem__(1 + k, 1))
     none = convert(hf, tmp_path / "none", dtype="bf16", progress=False, workers=workers)
-    assert _same_tensors(none, unplaced) == 0 and not (none / "release" / preplace.FILE).exists()
+    n = _same_tensors(none, unplaced)
+    assert (n > 0 and len(_placed_files(none)) == 2) if direct else (n == 0 and not _placed_files(none))
     _no_leftovers(tmp_path)
 
 
@@ -144,7 +165,7 @@ def test_the_early_directory_of_a_killed_run_is_swept(tiny_models, tmp_path, pla
     left = tmp_path / ".out.tmp-999999-early"
     left.mkdir()
     (left / atomic.MARK).touch()
-    (left / preplace.FILE).write_bytes(b"x" * 100)
+    (left / preplace.name(0)).write_bytes(b"x" * 100)
     old = time.time() - 3600
     os.utime(left, (old, old))
     convert(hf, tmp_path / "out", dtype="bf16", progress=False)
@@ -153,7 +174,8 @@ def test_the_early_directory_of_a_killed_run_is_swept(tiny_models, tmp_path, pla
 
 
 # the command line in a fresh interpreter, with every tiny tensor placed; the last line says whether torch was imported
-CLI = ("import sys; import converter.preplace as p; p.MIN_BYTES = 1; from converter.cli import main; "
+CLI = ("import sys; import converter.preplace as p; p.MIN_BYTES = p.FILE_BYTES = 1; p.cores = lambda: 2; "
+       "from converter.cli import main; "
        "rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)")
 
 
@@ -170,7 +192,7 @@ def test_a_placed_conversion_replays_byte_for_byte(name, workers, tmp_path):
     records = tmp_path / "records"
     r = _cli(records, "convert", src[0], tmp_path / "first", "--workers", workers, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "first" / "release" / preplace.FILE).is_file()
+    assert len(_placed_files(tmp_path / "first")) == 2
     r = _cli(records, "convert", src[1], tmp_path / "replayed", "--no-progress")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", r.stderr
     r = _cli("off", "convert", src[1], tmp_path / "torch", "--workers", workers, "--no-progress")
@@ -196,7 +218,8 @@ def test_auto_ranks_are_counted_by_the_bytes_still_to_copy(tiny_models, tmp_path
 
     def done_before_counting(*a):
         p = start(*a)
-        p._thread.join()
+        for t in p._threads:
+            t.join()
         return p
 
     seen = []
