@@ -109,7 +109,9 @@ def _convert(hf_dir: Path, out_dir: Path, *, tp, pp, ep, etp, dt, dtype_name, ov
             runs = byte_runs(job, hf, dt)
             if runs is not None:  # the stored bytes as they are: copied file to file when written
                 for s in job.sources if not allow_nonfinite else ():
-                    if bad := nonfinite(*hf.byte_range(s), DTYPE_NAMES[dt]):
+                    where = hf.byte_range(s)
+                    counted = place.nonfinite(*where) if place is not None else None  # (counted early)
+                    if bad := nonfinite(*where, DTYPE_NAMES[dt]) if counted is None else counted:
                         raise ConversionError(message([s], bad, str(dt).removeprefix("torch."), job.mcore))
                 out = direct.placeholder(job.ctx.shape, dt, runs)
             else:

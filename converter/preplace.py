@@ -31,12 +31,14 @@ import multiprocessing
 import os
 import shutil
 import stat
+import struct
 import threading
 import time
 from pathlib import Path
 
 from . import readahead
 from .errors import ConversionError
+from .finite import nonfinite
 from .kernel_copy import ALIGN, direct_copy, open_direct, write_at
 from .launch import cores, launched_by_torchrun
 from .shards import read_header
@@ -49,7 +51,7 @@ FILE_BYTES = 256 << 20  # a file (and its thread) for every this many bytes to p
 MAX_FILES = 8
 FREE, COPYING, COPIED, TAKEN = 0, 1, 2, 3  # per tensor: nobody's yet; the thread's; the thread's, done; not here
 _DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-_STOP = 0  # flags: the threads are to stop; flag 1 + k: thread k has stopped
+_STOP = 0  # flags: the threads are to stop; flag 1 + k: copying thread k has stopped; the last: the checking one
 
 
 def name(k: int) -> str:
@@ -107,13 +109,16 @@ class Placement:
                 if fd >= 0:
                     os.close(fd)
             raise
-        # shared with ranks forked later: each tensor's state, and the flags
+        # shared with ranks forked later: each tensor's state and NaN/Inf count (-1: not counted yet), the flags
         self._state = mmap.mmap(-1, max(1, len(self.tensors)))
-        self._flags = mmap.mmap(-1, 1 + files)
+        self._counts = mmap.mmap(-1, 8 * max(1, len(self.tensors)))
+        self._counts.write(struct.pack("q", -1) * len(self.tensors))
+        self._flags = mmap.mmap(-1, 2 + files)
         self._lock = multiprocessing.Lock()
         self._owner = os.getpid()
         self._threads = [threading.Thread(target=self._copy_all, args=(k,), name=f"hf2mcore-preplace-{k}",
                                           daemon=True) for k in range(files)]
+        self._threads.append(threading.Thread(target=self._count_all, name="hf2mcore-precheck", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -148,6 +153,13 @@ class Placement:
             for i in range(len(self.tensors)):
                 if i not in keep and self._state[i] == FREE:
                     self._state[i] = TAKEN
+
+    def nonfinite(self, fd: int, offset: int, n: int) -> int | None:
+        """How many NaN/Inf values bytes [offset, offset + n) of open file `fd` hold, if they are a tensor that the
+        checking thread has counted (finite.nonfinite, as the writer would)."""
+        i = self.find(fd, offset, n)
+        count = -1 if i is None else struct.unpack_from("q", self._counts, 8 * i)[0]
+        return None if count < 0 else count
 
     def copied(self) -> int:
         """Bytes of the tensors the threads have copied so far."""
@@ -198,6 +210,20 @@ class Placement:
             pass  # writer meets the error itself (a full disk, a source cut short) where it matters
         finally:
             self._flags[1 + k] = 1
+
+    def _count_all(self) -> None:
+        """The checking thread: count every tensor's NaN/Inf values, in order, while the imports run (on the 2-core
+        box the writer's own check of the MoE input took 1.5 s of its rank's time after them; RESULTS.md session 19).
+        Only a head start: a tensor not counted here the writer counts."""
+        try:
+            for i, (fd, offset, n, _, _) in enumerate(self.tensors):
+                if self._flags[_STOP]:
+                    return
+                struct.pack_into("q", self._counts, 8 * i, nonfinite(fd, offset, n, _DTYPES[self.dtype]))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._flags[-1] = 1
 
     def stop(self) -> None:
         """Stop the copying and wait for it (from any process that shares the state)."""

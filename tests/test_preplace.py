@@ -160,6 +160,42 @@ def test_a_failed_conversion_leaves_no_placed_file(tiny_models, tmp_path, monkey
         _no_leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("early", [True, False])
+def test_nonfinite_values_are_found_by_the_early_count_or_by_the_writer(early, tiny_models, tmp_path, monkeypatch,
+                                                                          place_all):
+    """The checking thread counts each placed tensor's NaN/Inf values while the imports run; the writer then uses
+    that count, and counts a tensor itself only where the thread has not (here: never started)."""
+    import importlib
+
+    conv = importlib.import_module("converter.convert")
+    hf = tiny_models(LLAMA, "bf16")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((hf / "config.json").read_bytes())
+    t = load_file(hf / "model.safetensors")
+    t["model.layers.1.mlp.up_proj.weight"][2, 3] = float("nan")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    start = preplace.start
+
+    def counted_first(*a):
+        p = start(*a)
+        for t in p._threads:
+            t.join()
+        return p
+
+    if not early:  # the checking thread stops at once
+        monkeypatch.setattr(preplace.Placement, "_count_all", lambda self: self._flags.__setitem__(-1, 1))
+    calls = []
+    writer = conv.nonfinite
+    monkeypatch.setattr(conv, "nonfinite", lambda *a: calls.append(a) or writer(*a))
+    monkeypatch.setattr(preplace, "start", counted_first)
+    with pytest.raises(ConversionError, match=r"up_proj.weight holds 1 non-finite"):
+        convert(bad, tmp_path / "out", dtype="bf16", progress=False, workers=1)
+    assert bool(calls) != early
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
 def test_the_early_directory_of_a_killed_run_is_swept(tiny_models, tmp_path, place_all):
     hf = tiny_models(LLAMA, "bf16")
     left = tmp_path / ".out.tmp-999999-early"
