@@ -5,19 +5,22 @@ only then began to copy (RESULTS.md, session 17): on Llama-3.2-1B that start-up 
 the files. Which Megatron tensor ends up where in DCP's files is known only after those imports, but most
 checkpoint items are one whole source tensor as stored (a norm, an output projection, the gate or the up half of
 one expert's linear_fc1). So, before the imports, every source tensor of the output's dtype gets a place of its
-own in one of a few extra files (`name(k)`), with room around it, and one thread per file copies the tensors
-there (os.copy_file_range, as the writer does). One file per core: the kernel's copy of a file's bytes is one core's
-memcpy and two threads writing one file spin on its lock, while two threads writing two files copied the 8 GiB MoE
-input in 0.5-0.8x the time of `cat` (RESULTS.md, session 19). When DCP writes an item whose bytes are exactly one such tensor, byte_copy.py keeps
-torch.save's records of it (704 and 873 bytes in torch 2.14) for the room around the tensor, and the item's storage
-entry names that place; items that are anything else are written as before, into their rank's own file. DCP's
-reader finds every item by its file, offset and length, so Megatron-LM reads this file as any other.
+own in one of a few extra files (`name(k)`, one per core), with room around it, and one thread per file copies
+the tensors there: at the source's offset modulo a page, so that the pages between a tensor's ends go to disk as
+O_DIRECT writes from a map of the source (kernel_copy.direct_copy), with no copy of the bytes in the kernel. (Through
+the page cache, a file's copy is one core's memcpy and two threads writing one file spin on its lock; with direct
+writes into two files the 8 GiB MoE input was copied in 0.3-0.5x the time of `cat`, RESULTS.md session 19.) A
+further thread counts the tensors' NaN/Inf values meanwhile, for the writer's check. When DCP writes an item whose
+bytes are exactly one such tensor, byte_copy.py keeps torch.save's records of it (704 and 873 bytes in torch 2.14)
+for the room around the tensor, and the item's storage entry names that place; items that are anything else are
+written as before, into their rank's own file. DCP's reader finds every item by its file, offset and length, so
+Megatron-LM reads these files as any other.
 
 The copying runs in the process that imports, and after a fork (--workers) beside the ranks, until the end. A
 tensor it has not reached when the writer needs it the writer copies into its place itself (`copied_early`), or,
-where the file takes no direct writes, into its rank's own file. At the end, rank 0 stops the copying, writes every item's records, completes any tensor an item relies on that the copying left half-done,
-gives back the space of tensors no item used (the q/k/v projections interleaved into linear_qkv, for one), and
-syncs the files (`finish`).
+where the file takes no direct writes, into its rank's own file. At the end, rank 0 stops the copying, writes every
+item's records, completes any tensor an item relies on that the copying left half-done, gives back the space of
+tensors no item used (the q/k/v projections interleaved into linear_qkv, for one), and syncs the files (`finish`).
 
 Without torch: the command line starts this before its imports. Only a head start: where it cannot run (no space,
 an error) the writer copies every tensor itself.
