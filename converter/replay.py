@@ -377,8 +377,8 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
             try:
                 pos = 0
                 for seg in segs:
-                    if bad:
-                        raise ConversionError(bad[0])
+                    if bad or stop.is_set():  # (another file's failure, or a stop: the others end too)
+                        raise ConversionError(bad[0] if bad else "stopped")
                     if seg[0] == LIT:
                         write_at(out, memoryview(blob)[seg[1]:seg[1] + seg[2]], pos)
                     elif seg[0] == SRC:  # (ZERO: a new file reads as zeros where nothing was written)
@@ -391,6 +391,9 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
                 os.ftruncate(out, pos)
                 if path.suffix == ".distcp":  # as DCP's writer (sync_files)
                     os.fsync(out)
+            except BaseException:
+                stop.set()  # the other files end at their next piece
+                raise
             finally:
                 os.close(out)
                 if direct >= 0:
@@ -404,8 +407,12 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
         largest = sorted(files, key=lambda f: -sum(s[-1] for s in f[1]))
         try:
             with concurrent.futures.ThreadPoolExecutor(max(1, min(cores(), len(files)))) as pool:
-                for done in [pool.submit(write, rel, segs) for rel, segs in largest]:
-                    done.result()
+                try:
+                    for done in [pool.submit(write, rel, segs) for rel, segs in largest]:
+                        done.result()
+                except BaseException:  # (a stop signal here): before the pool waits for its threads
+                    stop.set()
+                    raise
         finally:
             stop.set()
             if checker.ident is not None:

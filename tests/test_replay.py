@@ -106,6 +106,45 @@ def test_a_replay_checks_what_the_conversion_checks(sources, tmp_path):
     assert r.returncode == 2 and "lies past the end of the file" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+# the replay's first copy fails (a full disk); every later copy waits for that failure, then counts itself
+FAILING = """
+import errno, sys, threading
+import converter.replay as r
+real, copies, failed = r.direct_copy, [], threading.Event()
+def copy(*a):
+    if not failed.is_set():
+        failed.set()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    copies.append(a)
+    return real(*a)
+r.direct_copy = copy
+from converter.cli import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    print(len(copies))
+sys.exit(rc)
+"""
+
+
+def test_a_file_that_fails_to_replay_ends_the_files_written_beside_it(sources, tmp_path):
+    """A replay writes its files at once, one thread per core; when one fails, the others stop at their next
+    piece instead of copying their whole file first, and nothing is left behind."""
+    from converter.launch import cores
+
+    records = tmp_path / "records"
+    r = _cli(records, "convert", sources[LLAMA, 0], tmp_path / "first", "--workers", 2, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    pieces = sum(1 for _ in (tmp_path / "first" / "release").glob("__*.distcp"))
+    assert pieces == 2  # two files of many pieces each, written by two threads where there are two cores
+    env = {**os.environ, "HF2MCORE_REPLAY": str(records)}
+    r = subprocess.run([sys.executable, "-c", FAILING, "convert", str(sources[LLAMA, 1]), str(tmp_path / "out"),
+                        "--no-progress"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "No space left on device" in r.stderr, (r.stdout, r.stderr)
+    assert int(r.stdout.splitlines()[-1]) < min(cores(), 2)  # at most the piece another thread had begun
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
 def test_nothing_is_recorded_that_holds_weights_or_does_not_match(sources, tmp_path):
     records = tmp_path / "records"
     # a cast makes every tensor in memory: its bytes would be weights
