@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from converter import ConversionError, derive
 from converter.atomic import MARK, atomic_dir, sweep_stale
 from converter.convert import convert
 from converter.hf_io import HFCheckpoint
 from test_convert import assert_bit_exact
-from tiny import make_model, real_config
+from tiny import make_model, real_config, with_values
 
 LLAMA = "meta-llama/Llama-2-7b-hf"
 CLI = [sys.executable, "-m", "converter"]
@@ -121,12 +121,9 @@ def test_index_paths_stay_inside_the_model_directory(tiny_models, tmp_path):
 
 def test_nonfinite_weights_stop_the_conversion_by_name(tiny_models, tmp_path):
     hf = tiny_models(LLAMA)
-    bad = tmp_path / "bad"
-    shutil.copytree(hf, bad)
-    t = load_file(bad / "model.safetensors")
-    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
-    t["model.layers.0.self_attn.k_proj.weight"][0, 0] = 1e6  # finite in fp32, Inf once cast to fp16
-    save_file(t, str(bad / "model.safetensors"))
+    bad = with_values(hf, tmp_path / "bad", {"model.layers.1.mlp.up_proj.weight": ((3, 5), float("nan")),
+                                             # finite in fp32, Inf once cast to fp16
+                                             "model.layers.0.self_attn.k_proj.weight": ((0, 0), 1e6)})
     _one_line(_cli("convert", bad, tmp_path / "out", "--no-progress"), 2, "model.layers.1.mlp.up_proj.weight",
               "1 non-finite", "--allow-nonfinite")
     with pytest.raises(ConversionError, match=r"model.layers.0.self_attn.k_proj.weight.*as float16"):

@@ -12,13 +12,13 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from converter import ConversionError, atomic, kernel_copy, preplace
 from converter.convert import convert
 from converter.export import export
 from converter.untrusted import reading
 from test_convert import assert_bit_exact
+from tiny import with_values
 
 LLAMA, MOE, PACKED = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B", "openai/gpt-oss-20b"
 
@@ -146,13 +146,8 @@ def test_tensors_the_early_copy_left_half_done_or_never_reached(workers, direct,
 
 
 def test_a_failed_conversion_leaves_no_placed_file(tiny_models, tmp_path, monkeypatch, place_all):
-    hf = tiny_models(LLAMA, "bf16")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_bytes((hf / "config.json").read_bytes())
-    t = load_file(hf / "model.safetensors")
-    t["model.layers.1.mlp.down_proj.weight"][0, 1] = float("inf")
-    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = with_values(tiny_models(LLAMA, "bf16"), tmp_path / "bad",
+                      {"model.layers.1.mlp.down_proj.weight": ((0, 1), float("inf"))})
     for workers in (1, 2):
         with pytest.raises(ConversionError, match="down_proj.weight holds 1 non-finite"):
             convert(bad, tmp_path / "out", dtype="bf16", progress=False, workers=workers)
@@ -168,13 +163,8 @@ def test_nonfinite_values_are_found_by_the_early_count_or_by_the_writer(early, t
     import importlib
 
     conv = importlib.import_module("converter.convert")
-    hf = tiny_models(LLAMA, "bf16")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_bytes((hf / "config.json").read_bytes())
-    t = load_file(hf / "model.safetensors")
-    t["model.layers.1.mlp.up_proj.weight"][2, 3] = float("nan")
-    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = with_values(tiny_models(LLAMA, "bf16"), tmp_path / "bad",
+                      {"model.layers.1.mlp.up_proj.weight": ((2, 3), float("nan"))})
     start = preplace.start
 
     def counted_first(*a):

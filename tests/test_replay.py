@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from converter import derive
 from converter.replay import UNREAD, read_fields
-from tiny import CONFIGS, make_model, tiny_config
+from tiny import CONFIGS, make_model, tiny_config, with_values
 
 LLAMA, MOE = "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-30B-A3B"
 # the command line in a fresh interpreter; the last line says whether torch was imported
@@ -82,12 +81,7 @@ def test_a_replay_writes_the_files_the_conversion_through_torch_writes(sources, 
 def test_a_replay_checks_what_the_conversion_checks(sources, tmp_path):
     records = tmp_path / "records"
     assert _cli(records, "convert", sources[LLAMA, 0], tmp_path / "first", "--no-progress").returncode == 0
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_bytes((sources[LLAMA, 1] / "config.json").read_bytes())
-    t = load_file(sources[LLAMA, 1] / "model.safetensors")
-    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
-    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = with_values(sources[LLAMA, 1], tmp_path / "bad", {"model.layers.1.mlp.up_proj.weight": ((3, 5), float("nan"))})
     r = _cli(records, "convert", bad, tmp_path / "out", "--no-progress")
     assert r.returncode == 2 and r.stdout.strip() == "False", (r.stdout, r.stderr)  # stopped by the replay
     assert "model.layers.1.mlp.up_proj.weight holds 1 non-finite values" in r.stderr and "--allow-nonfinite" in r.stderr

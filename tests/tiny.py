@@ -125,6 +125,20 @@ def make_model(cfg: dict, out: Path, dtype=torch.float32, seed: int = 0) -> Path
     return out
 
 
+def with_values(hf: Path, out: Path, values: dict) -> Path:
+    """A copy of the model in `hf` whose single-file weights hold `values` ({tensor name: (index, value)})."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf, out)
+    t = load_file(out / "model.safetensors")
+    for name, (index, value) in values.items():
+        t[name][index] = value
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def add_mtp(hf: Path, seed: int = 1) -> Path:
     """Give a tiny model one multi-token-prediction layer as DeepSeek-V3 and GLM-4.5 releases store it: HF layer
     num_hidden_layers holds enorm, hnorm, eh_proj, a decoder layer shaped like the last one, shared_head.norm, and
