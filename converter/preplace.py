@@ -205,7 +205,8 @@ class Placement:
                 while done < n:
                     if self._flags[_STOP]:
                         return
-                    step = min(_STEP, n - done)
+                    # (a step ends on a page of the source: only the tensor's own two ends are partial pages)
+                    step = min(_STEP - (offset + done) % ALIGN, n - done)
                     direct_copy(fd, offset + done, step, self.out[k], self._direct[k], place + done)
                     done += step
                 self._state[i] = COPIED
