@@ -369,6 +369,7 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
             checker.start()
         bar = Progress(len(files), total, "convert (replayed)", enabled=progress, unit="files")
         counting = threading.Lock()
+        failed: list[BaseException] = []
 
         def write(rel: str, segs: list) -> None:
             path = tmp / rel
@@ -391,7 +392,9 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
                 os.ftruncate(out, pos)
                 if path.suffix == ".distcp":  # as DCP's writer (sync_files)
                     os.fsync(out)
-            except BaseException:
+            except BaseException as exc:
+                if not stop.is_set():  # the first failure, the one to report (the others say "stopped")
+                    failed.append(exc)
                 stop.set()  # the other files end at their next piece
                 raise
             finally:
@@ -409,10 +412,12 @@ def _replay(hf_dir: Path, out_dir: Path, record: dict, blob: bytes, config: byte
             with concurrent.futures.ThreadPoolExecutor(max(1, min(cores(), len(files)))) as pool:
                 try:
                     for done in [pool.submit(write, rel, segs) for rel, segs in largest]:
-                        done.result()
+                        done.exception()  # (waits for it)
                 except BaseException:  # (a stop signal here): before the pool waits for its threads
                     stop.set()
                     raise
+            if failed:
+                raise failed[0]
         finally:
             stop.set()
             if checker.ident is not None:
