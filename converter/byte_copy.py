@@ -7,7 +7,8 @@ writes the placeholder's bytes, the output stream copies the runs instead with o
 page cache inside the kernel, as `cat` does. Every other byte of the file (zip records, pickles, .metadata) is
 DCP's and torch.save's own, so the file is the one a write from memory gives, byte for byte. Where the source's
 tensors were copied into the checkpoint early (preplace.py), an item that is one of them is the same archive, around
-that copy instead (`_Stream.item`, `DirectWrites.place`).
+that copy instead (`_Stream.item`, `DirectWrites.place`); an item of other runs of the source (the q/k/v interleave)
+goes to the end of one of those files, its runs written there directly.
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ class DirectWrites:
         self.error: ConversionError | None = None  # the first write that stopped the writer
         self.placement = placement  # preplace.Placement: source tensors copied into a file of their own early
         self.placed: dict[int, tuple[int, bytes, bytes]] = {}  # its tensors items go around: where, their records
+        self.placed_runs: list[tuple[int, int, int, bytes, bytes]] = []  # items placed by runs: file, place, bytes,
+        # their records
 
     def placeholder(self, shape: tuple[int, ...], dtype: torch.dtype, runs: list[Run]) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)  # never read nor written: its pages are never touched
@@ -140,8 +143,10 @@ class DirectWrites:
         self.copied += n
 
     def place(self, held: list) -> tuple[str, int, int] | None:
-        """An item's writes (`_Stream.item`) around one placed source tensor (preplace.py), when they are that
-        tensor's bytes as stored between records that fit its room, and the early copying has the tensor: then
+        """An item's writes (`_Stream.item`) around one piece of source bytes, between records that fit the room of
+        a placed file (preplace.py): where that piece is one source tensor the early copying has, the item goes
+        around it; where it is other runs of the source files (the q/k/v interleave, a tensor-parallel slice) of at
+        least preplace.MIN_BYTES, they are copied now to the end of a placed file that takes direct writes. Then
         (file, offset, length) says where the item lies, and its records are kept for `Placement.finish` to write
         (nothing else writes into that file while its copying runs); else None."""
         p = self.placement
@@ -152,15 +157,19 @@ class DirectWrites:
         before, after = b"".join(held[:k]), b"".join(held[k + 1:])
         runs, skip, n = held[k]
         run = list(window(runs, skip, n))
-        if len(run) != 1 or run[0][0] < 0 or max(len(before), len(after)) > preplace.ROOM:
+        if max(len(before), len(after)) > preplace.ROOM or not any(r[0] >= 0 for r in run):
             return None
-        i = p.find(*run[0])
-        if i is None or not p.copied_early(i):
+        i = p.find(*run[0]) if len(run) == 1 else None
+        if i is not None and p.copied_early(i):
+            _, _, _, k, at = p.tensors[i]
+            self.placed[i] = (at - len(before), before, after)
+        elif i is None and n >= preplace.MIN_BYTES and (room := p.place_runs(run)) is not None:
+            k, at = room
+            self.placed_runs.append((k, at, n, before, after))
+        else:
             return None
-        _, _, _, k, at = p.tensors[i]
-        self.placed[i] = (at - len(before), before, after)
         if self.recorder is not None:
-            self.recorder.placed(preplace.name(k), at - len(before), before, run[0], after)
+            self.recorder.placed(preplace.name(k), at - len(before), before, run, after)
         self.copied += n
         return preplace.name(k), at - len(before), len(before) + n + len(after)
 

@@ -10,10 +10,11 @@ the tensors there: at the source's offset modulo a page, so that the pages betwe
 O_DIRECT writes from a map of the source (kernel_copy.direct_copy), with no copy of the bytes in the kernel. (Through
 the page cache, a file's copy is one core's memcpy and two threads writing one file spin on its lock; with direct
 writes into two files the 8 GiB MoE input was copied in 0.3-0.5x the time of `cat`, RESULTS.md session 19.) A
-further thread counts the tensors' NaN/Inf values meanwhile, for the writer's check. When DCP writes an item whose
+forked process counts the tensors' NaN/Inf values meanwhile, for the writer's check. When DCP writes an item whose
 bytes are exactly one such tensor, byte_copy.py keeps torch.save's records of it (704 and 873 bytes in torch 2.14)
-for the room around the tensor, and the item's storage entry names that place; items that are anything else are
-written as before, into their rank's own file. DCP's reader finds every item by its file, offset and length, so
+for the room around the tensor, and the item's storage entry names that place; an item of other runs of the source
+files (the q/k/v interleave, a tensor-parallel slice) is copied by its rank to new room at the end of a placed file,
+with the same direct writes (`place_runs`); items made in memory are written as before, into their rank's own file. DCP's reader finds every item by its file, offset and length, so
 Megatron-LM reads these files as any other.
 
 The copying runs in the process that imports, and after a fork (--workers) beside the ranks, until the end. A
@@ -33,6 +34,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import struct
 import threading
@@ -45,6 +47,7 @@ from .finite import nonfinite
 from .kernel_copy import ALIGN, direct_copy, open_direct, write_at
 from .launch import cores, launched_by_torchrun
 from .shards import read_header
+from .stopping import die_with_parent
 
 PREFIX = "__placed_"  # the placed files: PREFIX + k + ".distcp"
 ROOM = 4096  # bytes left free before and after each tensor for torch.save's records
@@ -54,7 +57,7 @@ FILE_BYTES = 256 << 20  # a file (and its thread) for every this many bytes to p
 MAX_FILES = 8
 FREE, COPYING, COPIED, TAKEN = 0, 1, 2, 3  # per tensor: nobody's yet; the thread's; the thread's, done; not here
 _DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-_STOP = 0  # flags: the threads are to stop; flag 1 + k: copying thread k has stopped; the last: the checking one
+_STOP = 0  # flags: the threads (and the checking process) are to stop; flag 1 + k: copying thread k has stopped
 
 
 def name(k: int) -> str:
@@ -107,6 +110,8 @@ class Placement:
                 self._direct.append(open_direct(path))
             for fd, end in zip(self.out, ends):
                 os.ftruncate(fd, end)  # its full size at once: no direct write extends it
+            self._ends = mmap.mmap(-1, 8 * files)  # shared with ranks forked later: where place_runs adds room
+            self._ends.write(struct.pack(f"{files}q", *ends))
         except BaseException:
             for fd in (*self._fds, *getattr(self, "out", ()), *getattr(self, "_direct", ())):
                 if fd >= 0:
@@ -116,12 +121,12 @@ class Placement:
         self._state = mmap.mmap(-1, max(1, len(self.tensors)))
         self._counts = mmap.mmap(-1, 8 * max(1, len(self.tensors)))
         self._counts.write(struct.pack("q", -1) * len(self.tensors))
-        self._flags = mmap.mmap(-1, 2 + files)
+        self._flags = mmap.mmap(-1, 1 + files)
         self._lock = multiprocessing.Lock()
         self._owner = os.getpid()
+        self._checker = self._fork_checker()
         self._threads = [threading.Thread(target=self._copy_all, args=(k,), name=f"hf2mcore-preplace-{k}",
                                           daemon=True) for k in range(files)]
-        self._threads.append(threading.Thread(target=self._count_all, name="hf2mcore-precheck", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -159,10 +164,34 @@ class Placement:
 
     def nonfinite(self, fd: int, offset: int, n: int) -> int | None:
         """How many NaN/Inf values bytes [offset, offset + n) of open file `fd` hold, if they are a tensor that the
-        checking thread has counted (finite.nonfinite, as the writer would)."""
+        checking process has counted (finite.nonfinite, as the writer would)."""
         i = self.find(fd, offset, n)
         count = -1 if i is None else struct.unpack_from("q", self._counts, 8 * i)[0]
         return None if count < 0 else count
+
+    def place_runs(self, runs) -> tuple[int, int] | None:
+        """Copy the bytes of `runs` (kernel_copy.Run, of the source files or zeros) to new room at the end of a
+        placed file that takes direct writes, at the first run's offset modulo a page: (file, place there), or None
+        where no file takes direct writes. For items that are no one source tensor (the q/k/v interleave, a
+        tensor-parallel slice): the rank's own file would take them through the page cache, at the kernel's
+        memcpy (the 16 linear_qkv of Llama-3.2-1B, 192 MiB: 0.5 s of the rank's time after the imports, RESULTS.md
+        session 20)."""
+        direct = [k for k, fd in enumerate(self._direct) if fd >= 0]
+        if not direct:
+            return None
+        n = sum(r[2] for r in runs)
+        with self._lock:  # (ranks forked later share the files' ends)
+            ends = struct.unpack_from(f"{len(self.out)}q", self._ends)
+            k = min(direct, key=ends.__getitem__)
+            place = -(-(ends[k] + ROOM) // ALIGN) * ALIGN + runs[0][1] % ALIGN
+            struct.pack_into("q", self._ends, 8 * k, place + n + ROOM)
+            os.ftruncate(self.out[k], place + n + ROOM)  # (larger each time: under the lock)
+        at = place
+        for fd, offset, m in runs:
+            if fd >= 0:  # (zeros are there already: the room is new)
+                direct_copy(fd, offset, m, self.out[k], self._direct[k], at)
+            at += m
+        return k, place
 
     def copied(self) -> int:
         """Bytes of the tensors the threads have copied so far."""
@@ -215,19 +244,43 @@ class Placement:
         finally:
             self._flags[1 + k] = 1
 
+    def _fork_checker(self) -> int:
+        """The checking process (its pid; -1 where none could start: the writer counts): it counts every tensor's
+        NaN/Inf values, in order, while the imports run, for the writer's check (`nonfinite`). A process, not a
+        thread: a thread's numpy calls, two per 512 KiB, each took the interpreter lock back from the imports, which
+        then took 0.4-0.9 s longer on Llama-3.2-1B (RESULTS.md, session 20)."""
+        try:
+            pid = os.fork()
+        except OSError:
+            return -1
+        if pid:
+            return pid
+        code = 1
+        try:  # (a terminal's Ctrl-C is the parent's to handle: it ends this with `counted`, or by dying)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            die_with_parent(self._owner)
+            self._count_all()
+            code = 0
+        finally:
+            os._exit(code)
+
     def _count_all(self) -> None:
-        """The checking thread: count every tensor's NaN/Inf values, in order, while the imports run (on the 2-core
-        box the writer's own check of the MoE input took 1.5 s of its rank's time after them; RESULTS.md session 19).
-        Only a head start: a tensor not counted here the writer counts."""
         try:
             for i, (fd, offset, n, _, _) in enumerate(self.tensors):
                 if self._flags[_STOP]:
                     return
                 struct.pack_into("q", self._counts, 8 * i, nonfinite(fd, offset, n, _DTYPES[self.dtype]))
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # only a head start: the writer counts what this has not
             pass
-        finally:
-            self._flags[-1] = 1
+
+    def counted(self, stop: bool = False) -> None:
+        """The owner: wait for the checking process to end (ending it first if `stop`)."""
+        if self._checker > 0:
+            if stop:
+                os.kill(self._checker, signal.SIGKILL)
+            os.waitpid(self._checker, 0)
+            self._checker = -1
 
     def stop(self) -> None:
         """Stop the copying and wait for it (from any process that shares the state)."""
@@ -244,12 +297,18 @@ class Placement:
             self.paths[k] = release_dir / path.name
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def finish(self, used: dict[int, tuple[int, bytes, bytes]]) -> None:
+    def finish(self, used: dict[int, tuple[int, bytes, bytes]],
+               by_runs: list[tuple[int, int, int, bytes, bytes]] = ()) -> None:
         """Rank 0, after every rank has written: stop the copying, write the records of the items around their
-        tensors (`used`: byte_copy.DirectWrites.placed of every rank), complete the tensors the copying left
-        half-done, give back the space of those no item uses and sync the files; a file no item uses goes."""
+        tensors (`used`: byte_copy.DirectWrites.placed of every rank) and around their runs (`by_runs`: their
+        placed_runs), complete the tensors the copying left half-done, give back the space of those no item uses
+        and sync the files; a file no item uses goes."""
         self.stop()
         ends = [0] * len(self.out)
+        for k, place, n, before, after in by_runs:
+            write_at(self.out[k], before, place - len(before))
+            write_at(self.out[k], after, place + n)
+            ends[k] = max(ends[k], place + n + ROOM)
         for i, (fd, offset, n, k, place) in enumerate(self.tensors):
             if i in used:
                 if self._state[i] == COPYING:  # stopped (or failed) midway: the rest is copied now
@@ -272,6 +331,7 @@ class Placement:
         if os.getpid() != self._owner:
             return
         self.stop()
+        self.counted(stop=True)
         for fd in (*self._fds, *self.out, *self._direct, self._lock_fd):
             if fd >= 0:
                 os.close(fd)

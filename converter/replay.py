@@ -181,16 +181,20 @@ class Recorder:
                 else:
                     self._by_tensor(segs, fd, offset, take)
 
-    def placed(self, name: str, pos: int, before: bytes, run, after: bytes) -> None:
+    def placed(self, name: str, pos: int, before: bytes, runs, after: bytes) -> None:
         """An item written at `pos` of file `name` out of order (preplace.py): its records `before` and `after`
-        around the source bytes of `run` (one kernel_copy.Run). `_store` puts each file's items in order."""
+        around the bytes of `runs` (kernel_copy.Run). `_store` puts each file's items in order."""
         with self._lock:
             if self.spoiled:
                 return
             segs: list = []
             for data in (before, None, after):
                 if data is None:
-                    self._by_tensor(segs, *run)
+                    for fd, offset, n in runs:
+                        if fd < 0:
+                            segs.append([ZERO, n])
+                        else:
+                            self._by_tensor(segs, fd, offset, n)
                 else:
                     segs.append([LIT, len(self.blob), len(data)])
                     self.blob += data

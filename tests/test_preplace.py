@@ -88,12 +88,12 @@ def test_placed_tensors_read_back_as_written_without_them(name, workers, tiny_mo
     unplaced = _unplaced(hf, tmp_path / "unplaced", monkeypatch, dtype="bf16", workers=workers)
     n = _same_tensors(placed, unplaced)
     items = _items(placed)
-    if name == PACKED:  # its experts are slices of packed tensors: no item is a whole source tensor
-        assert n < len(items) / 2
-    else:
-        assert n > len(items) / 2
-    # the q/k/v projections are interleaved into linear_qkv: never one item, so they take no space in the file
-    assert not any(_placed(f) for (k, _), (f, _) in items.items() if k.endswith("linear_qkv.weight"))
+    # every item of source bytes lies in a placed file: a whole source tensor around its early copy, any other
+    # (the q/k/v interleave) copied there by its runs at write time; only what is made in memory (gpt-oss's
+    # dequantized experts) and the records of megatron-core's own go to the ranks' files
+    left = {k.split("/")[0] for (k, _), (f, _) in items.items() if not _placed(f)}
+    made = {f"decoder.layers.mlp.experts.experts.linear_fc{i}.weight" for i in (1, 2)} if name == PACKED else set()
+    assert {k for k in left if not k.endswith("._extra_state") and k != "common_state"} == made
     used = {f: 0 for f, _ in items.values() if _placed(f)}
     for f, t in items.values():
         if f in used:
@@ -137,6 +137,8 @@ def test_tensors_the_early_copy_left_half_done_or_never_reached(workers, direct,
     written_by_ranks = [k for (k, _), (f, _) in _items(placed).items()
                         if not _placed(f) and k.endswith("weight") and not k.endswith("linear_qkv.weight")]
     assert n > 0 and bool(written_by_ranks) != direct
+    # linear_qkv (no one source tensor) goes to a placed file by its runs only where that takes direct writes
+    assert {_placed(f) for (k, _), (f, _) in _items(placed).items() if k.endswith("linear_qkv.weight")} == {direct}
 
     monkeypatch.setattr(preplace.Placement, "_copy_all", lambda self, k: self._flags.__setitem__(1 + k, 1))
     none = convert(hf, tmp_path / "none", dtype="bf16", progress=False, workers=workers)
@@ -158,8 +160,8 @@ def test_a_failed_conversion_leaves_no_placed_file(tiny_models, tmp_path, monkey
 @pytest.mark.parametrize("early", [True, False])
 def test_nonfinite_values_are_found_by_the_early_count_or_by_the_writer(early, tiny_models, tmp_path, monkeypatch,
                                                                           place_all):
-    """The checking thread counts each placed tensor's NaN/Inf values while the imports run; the writer then uses
-    that count, and counts a tensor itself only where the thread has not (here: never started)."""
+    """The checking process counts each placed tensor's NaN/Inf values while the imports run; the writer then uses
+    that count, and counts a tensor itself only where the process has not (here: ended at once)."""
     import importlib
 
     conv = importlib.import_module("converter.convert")
@@ -169,12 +171,11 @@ def test_nonfinite_values_are_found_by_the_early_count_or_by_the_writer(early, t
 
     def counted_first(*a):
         p = start(*a)
-        for t in p._threads:
-            t.join()
+        p.counted()
         return p
 
-    if not early:  # the checking thread stops at once
-        monkeypatch.setattr(preplace.Placement, "_count_all", lambda self: self._flags.__setitem__(-1, 1))
+    if not early:  # the checking process ends at once
+        monkeypatch.setattr(preplace.Placement, "_count_all", lambda self: None)
     calls = []
     writer = conv.nonfinite
     monkeypatch.setattr(conv, "nonfinite", lambda *a: calls.append(a) or writer(*a))
@@ -254,3 +255,40 @@ def test_auto_ranks_are_counted_by_the_bytes_still_to_copy(tiny_models, tmp_path
     convert(hf, tmp_path / "out", dtype="bf16", progress=False, workers="auto")
     left = sum(n for n in sizes if n < preplace.MIN_BYTES)
     assert seen == [left] and 0 < left < sum(sizes) / 2
+
+
+# a placement whose checking process would count for a minute; its pid on stdout, then the parent waits to be killed
+SLOW_CHECK = ("import sys, time; import converter.preplace as p; p.MIN_BYTES = 1; "
+              "p.Placement._count_all = lambda self: time.sleep(60); "
+              "q = p.start(*map(__import__('pathlib').Path, sys.argv[1:3]), 'bf16', False); "
+              "print(q._checker, flush=True); time.sleep(60)")
+
+
+def _alive(pid: int) -> bool:
+    try:  # (a zombie has left /proc/PID/stat's state as Z)
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_checking_process_ends_with_its_parent_however_that_ends(tiny_models, tmp_path, place_all):
+    """The NaN/Inf counting runs in a forked process: the end of the conversion ends it, and a parent killed
+    outright (SIGKILL) takes it along."""
+    hf = tiny_models(LLAMA, "bf16")
+    p = subprocess.Popen([sys.executable, "-c", SLOW_CHECK, hf, tmp_path / "out"], stdout=subprocess.PIPE, text=True)
+    checker = int(p.stdout.readline())
+    assert checker > 0 and _alive(checker)
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 10
+    while _alive(checker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(checker)
+    # in this process: the conversion's end ends it (and reaps it)
+    place = preplace.start(hf, tmp_path / "out2", "bf16", False)
+    checker = place._checker
+    assert checker > 0
+    preplace.end()
+    assert not _alive(checker)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(checker, os.WNOHANG)
