@@ -303,7 +303,7 @@ def _run(a) -> int:
         from . import preplace
 
         # the source's tensors copied into the output while torch is imported (convert() ends it)
-        preplace.start(hf, out, a.dtype, a.overwrite)
+        preplace.start(hf, out, a.dtype, a.overwrite, check=not a.allow_nonfinite)
     if not (a.command == "inspect" and a.format != "json"):  # the others build a megatron-core model
         from .imports import import_megatron_eager
 

@@ -47,7 +47,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1
     # it forks share it; the ranks of another launcher would each place the tensors in a file of their own)
     place = preplace.following(hf_dir, out_dir, dtype_name)
     if place is None and forked_rank() is None and (not dist.is_initialized() or dist.get_world_size() == 1):
-        place = preplace.start(hf_dir, out_dir, dtype_name, overwrite)
+        place = preplace.start(hf_dir, out_dir, dtype_name, overwrite, check=not allow_nonfinite)
     try:
         return _convert(hf_dir, out_dir, tp=tp, pp=pp, ep=ep, etp=etp, dt=dt, dtype_name=dtype_name,
                         overwrite=overwrite, family=family, progress=progress, workers=workers, exact=exact,

@@ -69,7 +69,7 @@ class Placement:
     """Where each eligible source tensor goes in the placed files (inside `scratch`), and the threads copying them
     there."""
 
-    def __init__(self, hf_dir: Path, out_dir: Path, dtype: str, scratch: Path, lock: int):
+    def __init__(self, hf_dir: Path, out_dir: Path, dtype: str, scratch: Path, lock: int, check: bool = True):
         self.hf_dir, self.out_dir, self.scratch = hf_dir.resolve(), out_dir.resolve(), scratch
         self._lock_fd = lock  # holds the scratch directory's lock (atomic.scratch_dir)
         self.dtype = dtype
@@ -124,7 +124,7 @@ class Placement:
         self._flags = mmap.mmap(-1, 1 + files)
         self._lock = multiprocessing.Lock()
         self._owner = os.getpid()
-        self._checker = self._fork_checker()
+        self._checker = self._fork_checker() if check else -1
         self._threads = [threading.Thread(target=self._copy_all, args=(k,), name=f"hf2mcore-preplace-{k}",
                                           daemon=True) for k in range(files)]
         for t in self._threads:
@@ -354,10 +354,11 @@ def _punch(fd: int, pos: int, n: int) -> None:
 _started: Placement | None = None
 
 
-def start(hf_dir: Path, out_dir: Path, dtype: str, overwrite: bool) -> Placement | None:
+def start(hf_dir: Path, out_dir: Path, dtype: str, overwrite: bool, check: bool = True) -> Placement | None:
     """Begin copying `hf_dir`'s tensors of `dtype` (bf16, fp16, fp32) for a conversion into `out_dir`, in a
-    scratch directory beside it (atomic.scratch_dir); None where it should not (torchrun, an output it would refuse,
-    no tensor to place, too little space): the conversion then says what is wrong, if anything."""
+    scratch directory beside it (atomic.scratch_dir), and counting their NaN/Inf values if `check` (a conversion
+    that allows them need not); None where it should not (torchrun, an output it would refuse, no tensor to place,
+    too little space): the conversion then says what is wrong, if anything."""
     from . import atomic
 
     global _started
@@ -369,7 +370,7 @@ def start(hf_dir: Path, out_dir: Path, dtype: str, overwrite: bool) -> Placement
     except (ConversionError, OSError):
         return None
     try:
-        place = Placement(hf_dir, out_dir, dtype, scratch, lock)
+        place = Placement(hf_dir, out_dir, dtype, scratch, lock, check)
     except (ConversionError, OSError, ValueError, KeyError, TypeError, AttributeError):
         os.close(lock)
         shutil.rmtree(scratch, ignore_errors=True)

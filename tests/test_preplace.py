@@ -169,9 +169,10 @@ def test_nonfinite_values_are_found_by_the_early_count_or_by_the_writer(early, t
                       {"model.layers.1.mlp.up_proj.weight": ((2, 3), float("nan"))})
     start = preplace.start
 
-    def counted_first(*a):
-        p = start(*a)
-        p.counted()
+    def counted_first(*a, **kw):
+        p = start(*a, **kw)
+        if p is not None:
+            p.counted()
         return p
 
     if not early:  # the checking process ends at once
@@ -185,6 +186,12 @@ def test_nonfinite_values_are_found_by_the_early_count_or_by_the_writer(early, t
     assert bool(calls) != early
     assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
+    # a conversion that allows them counts nothing, early or late
+    forks, calls[:] = [], []
+    fork = preplace.Placement._fork_checker
+    monkeypatch.setattr(preplace.Placement, "_fork_checker", lambda self: forks.append(1) or fork(self))
+    convert(bad, tmp_path / "out", dtype="bf16", progress=False, workers=1, allow_nonfinite=True)
+    assert not forks and not calls
 
 
 def test_the_early_directory_of_a_killed_run_is_swept(tiny_models, tmp_path, place_all):
@@ -243,8 +250,8 @@ def test_auto_ranks_are_counted_by_the_bytes_still_to_copy(tiny_models, tmp_path
     monkeypatch.setattr(preplace, "MIN_BYTES", sizes[len(sizes) // 2])  # the larger half placed
     start = preplace.start
 
-    def done_before_counting(*a):
-        p = start(*a)
+    def done_before_counting(*a, **kw):
+        p = start(*a, **kw)
         for t in p._threads:
             t.join()
         return p
