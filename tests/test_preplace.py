@@ -299,3 +299,34 @@ def test_the_checking_process_ends_with_its_parent_however_that_ends(tiny_models
     assert not _alive(checker)
     with pytest.raises(ChildProcessError):
         os.waitpid(checker, os.WNOHANG)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_runs_placed_at_write_time_take_new_room_of_their_own(direct, tmp_path, place_all, monkeypatch):
+    """place_runs: source runs and zeros end to end, at the first run's offset modulo a page, each call in room of
+    its own past every placed tensor; none where no file takes direct writes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * kernel_copy.ALIGN + 123)
+    header = json.dumps({"t": {"dtype": "BF16", "shape": [len(data) // 2], "data_offsets": [0, len(data) // 2 * 2]}})
+    (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode() + data)
+    if not direct:
+        monkeypatch.setattr(preplace, "open_direct", lambda path: -1)
+    place = preplace.start(src, tmp_path / "out", "bf16", False)
+    try:
+        place.stop()
+        fd, start = place.tensors[0][0], place.tensors[0][1]
+        runs = [(fd, start + 5, 5000), (-1, 0, 3000), (fd, start + 7, 4096)]
+        got = place.place_runs(runs)
+        if not direct:
+            assert got is None
+            return
+        k, at = got
+        assert at % kernel_copy.ALIGN == (start + 5) % kernel_copy.ALIGN
+        assert at >= max((t[4] + t[2] for t in place.tensors if t[3] == k), default=0) + preplace.ROOM
+        again = place.place_runs(runs[:1])
+        assert again[1] >= at + 12096 + preplace.ROOM
+        placed = os.pread(place.out[k], 12096, at)
+        assert placed == data[5:5005] + bytes(3000) + data[7:4103]
+    finally:
+        preplace.end()
