@@ -14,8 +14,8 @@ forked process counts the tensors' NaN/Inf values meanwhile, for the writer's ch
 bytes are exactly one such tensor, byte_copy.py keeps torch.save's records of it (704 and 873 bytes in torch 2.14)
 for the room around the tensor, and the item's storage entry names that place; an item of other runs of the source
 files (the q/k/v interleave, a tensor-parallel slice) is copied by its rank to new room at the end of a placed file,
-with the same direct writes (`place_runs`); items made in memory are written as before, into their rank's own file. DCP's reader finds every item by its file, offset and length, so
-Megatron-LM reads these files as any other.
+with the same direct writes (`place_runs`); items made in memory are written as before, into their rank's own file.
+DCP's reader finds every item by its file, offset and length, so Megatron-LM reads these files as any other.
 
 The copying runs in the process that imports, and after a fork (--workers) beside the ranks, until the end. A
 tensor it has not reached when the writer needs it the writer copies into its place itself (`copied_early`), or,
