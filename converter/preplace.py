@@ -257,6 +257,9 @@ class Placement:
             return pid
         code = 1
         try:  # (a terminal's Ctrl-C is the parent's to handle: it ends this with `counted`, or by dying)
+            for fd in (*self.out, *self._direct, self._lock_fd):  # only the sources' are read here: never hold the
+                if fd >= 0:  # output's files nor the scratch directory's lock past the parent
+                    os.close(fd)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             die_with_parent(self._owner)

@@ -285,6 +285,9 @@ def test_the_checking_process_ends_with_its_parent_however_that_ends(tiny_models
     p = subprocess.Popen([sys.executable, "-c", SLOW_CHECK, hf, tmp_path / "out"], stdout=subprocess.PIPE, text=True)
     checker = int(p.stdout.readline())
     assert checker > 0 and _alive(checker)
+    # it holds the sources open, and nothing of the output (its placed files, the scratch directory's lock)
+    held = {os.readlink(f"/proc/{checker}/fd/{fd}") for fd in os.listdir(f"/proc/{checker}/fd")}
+    assert str(hf / "model.safetensors") in held and not [h for h in held if h.startswith(str(tmp_path))]
     p.kill()
     p.wait()
     deadline = time.monotonic() + 10
