@@ -70,9 +70,9 @@ class DirectWrites:
         self.copied = 0
         self.error: ConversionError | None = None  # the first write that stopped the writer
         self.placement = placement  # preplace.Placement: source tensors copied into a file of their own early
-        self.placed: dict[int, tuple[int, bytes, bytes]] = {}  # its tensors items go around: where, their records
-        self.placed_runs: list[tuple[int, int, int, bytes, bytes]] = []  # items placed by runs: file, place, bytes,
-        # their records
+        # the items in its files (Placement.finish): the tensor each goes around (-1: runs placed as it was written),
+        # the file, where its bytes start there, their count, its records before and after them
+        self.placed: list[tuple[int, int, int, int, bytes, bytes]] = []
 
     def placeholder(self, shape: tuple[int, ...], dtype: torch.dtype, runs: list[Run]) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)  # never read nor written: its pages are never touched
@@ -162,12 +162,11 @@ class DirectWrites:
         i = p.find(*run[0]) if len(run) == 1 else None
         if i is not None and p.copied_early(i):
             _, _, _, k, at = p.tensors[i]
-            self.placed[i] = (at - len(before), before, after)
         elif i is None and n >= preplace.MIN_BYTES and (room := p.place_runs(run)) is not None:
             k, at = room
-            self.placed_runs.append((k, at, n, before, after))
         else:
             return None
+        self.placed.append((-1 if i is None else i, k, at, n, before, after))
         if self.recorder is not None:
             self.recorder.placed(preplace.name(k), at - len(before), before, run, after)
         self.copied += n

@@ -147,10 +147,9 @@ def _convert(hf_dir: Path, out_dir: Path, *, tp, pp, ep, etp, dt, dtype_name, ov
                 raise ConversionError(f"{len(left)} Megatron tensors were never written, e.g. {left[:5]}")
             if place is not None:
                 placed = [None] * world if rank == 0 else None
-                dist.gather_object((direct.placed, direct.placed_runs), placed, dst=0)
+                dist.gather_object(direct.placed, placed, dst=0)
                 if rank == 0:
-                    place.finish({i: where for p, _ in placed for i, where in p.items()},
-                                 [r for _, runs in placed for r in runs])
+                    place.finish([item for p in placed for item in p])
             recordings = [None] * world if rank == 0 else None
             if record is not None:
                 dist.gather_object(record.result(), recordings, dst=0)

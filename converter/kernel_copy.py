@@ -51,13 +51,14 @@ def window(runs: list[Run], skip: int, n: int) -> Iterator[Run]:
             return
 
 
-def copy_runs(runs: list[Run], skip: int, n: int, out: int, pos: int) -> None:
-    """Bytes [skip, skip + n) of the runs, end to end, into file `out` at `pos`."""
+def copy_runs(runs: list[Run], skip: int, n: int, out: int, pos: int, direct: int = -1) -> None:
+    """Bytes [skip, skip + n) of the runs, end to end, into file `out` at `pos` (with `direct_copy` where `direct`
+    is `out` opened by open_direct)."""
     for fd, offset, take in window(runs, skip, n):
         if fd < 0:
             zeros(out, pos, take)
         else:
-            copy_range(fd, offset, take, out, pos)
+            direct_copy(fd, offset, take, out, direct, pos)
         pos += take
 
 

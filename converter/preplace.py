@@ -44,7 +44,7 @@ from pathlib import Path
 from . import readahead
 from .errors import ConversionError
 from .finite import nonfinite
-from .kernel_copy import ALIGN, direct_copy, open_direct, write_at
+from .kernel_copy import ALIGN, copy_runs, direct_copy, open_direct, write_at
 from .launch import cores, launched_by_torchrun
 from .shards import read_header
 from .stopping import die_with_parent
@@ -96,8 +96,7 @@ class Placement:
             self._index: dict[tuple[int, int, int, int], int] = {}  # (device, inode, offset, bytes) -> tensor
             for fd, offset, n, key in found:
                 k = min(range(files), key=ends.__getitem__)
-                # at the source's offset modulo ALIGN: most of the tensor is then written directly (direct_copy)
-                place = -(-(ends[k] + ROOM) // ALIGN) * ALIGN + offset % ALIGN
+                place = _room_after(ends[k], offset)
                 self._index[key] = len(self.tensors)
                 self.tensors.append((fd, offset, n, k, place))
                 ends[k] = place + n + ROOM
@@ -183,14 +182,10 @@ class Placement:
         with self._lock:  # (ranks forked later share the files' ends)
             ends = struct.unpack_from(f"{len(self.out)}q", self._ends)
             k = min(direct, key=ends.__getitem__)
-            place = -(-(ends[k] + ROOM) // ALIGN) * ALIGN + runs[0][1] % ALIGN
+            place = _room_after(ends[k], runs[0][1])
             struct.pack_into("q", self._ends, 8 * k, place + n + ROOM)
             os.ftruncate(self.out[k], place + n + ROOM)  # (larger each time: under the lock)
-        at = place
-        for fd, offset, m in runs:
-            if fd >= 0:  # (zeros are there already: the room is new)
-                direct_copy(fd, offset, m, self.out[k], self._direct[k], at)
-            at += m
+        copy_runs(runs, 0, n, self.out[k], place, self._direct[k])
         return k, place
 
     def copied(self) -> int:
@@ -300,28 +295,23 @@ class Placement:
             self.paths[k] = release_dir / path.name
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def finish(self, used: dict[int, tuple[int, bytes, bytes]],
-               by_runs: list[tuple[int, int, int, bytes, bytes]] = ()) -> None:
-        """Rank 0, after every rank has written: stop the copying, write the records of the items around their
-        tensors (`used`: byte_copy.DirectWrites.placed of every rank) and around their runs (`by_runs`: their
-        placed_runs), complete the tensors the copying left half-done, give back the space of those no item uses
-        and sync the files; a file no item uses goes."""
+    def finish(self, placed: list[tuple[int, int, int, int, bytes, bytes]]) -> None:
+        """Rank 0, after every rank has written: stop the copying, complete the tensors the copying left half-done
+        that items go around, give back the space of those no item uses, write the items' records (`placed`:
+        byte_copy.DirectWrites.placed of every rank) and sync the files; a file no item uses goes."""
         self.stop()
-        ends = [0] * len(self.out)
-        for k, place, n, before, after in by_runs:
-            write_at(self.out[k], before, place - len(before))
-            write_at(self.out[k], after, place + n)
-            ends[k] = max(ends[k], place + n + ROOM)
+        used = {i for i, *_ in placed}
         for i, (fd, offset, n, k, place) in enumerate(self.tensors):
             if i in used:
                 if self._state[i] == COPYING:  # stopped (or failed) midway: the rest is copied now
                     direct_copy(fd, offset, n, self.out[k], self._direct[k], place)
-                at, before, after = used[i]
-                write_at(self.out[k], before, at)
-                write_at(self.out[k], after, place + n)
-                ends[k] = max(ends[k], place + n + ROOM)
             elif self._state[i] in (COPYING, COPIED):
                 _punch(self.out[k], place, n)
+        ends = [0] * len(self.out)
+        for _, k, place, n, before, after in placed:
+            write_at(self.out[k], before, place - len(before))
+            write_at(self.out[k], after, place + n)
+            ends[k] = max(ends[k], place + n + ROOM)
         for k, end in enumerate(ends):
             if not end:
                 self.paths[k].unlink()
@@ -339,6 +329,12 @@ class Placement:
             if fd >= 0:
                 os.close(fd)
         self._fds, self.out, self._direct, self._lock_fd = [], [], [], -1
+
+
+def _room_after(end: int, offset: int) -> int:
+    """Where bytes from source offset `offset` go in a placed file whose bytes end at `end`: past ROOM, at that
+    offset modulo ALIGN, so that all of them but their two end pages are written directly (direct_copy)."""
+    return -(-(end + ROOM) // ALIGN) * ALIGN + offset % ALIGN
 
 
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
