@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -158,6 +159,8 @@ def _rank_main(rank: int, n: int, store: str, error_path: str, fn: Callable[[], 
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if os.getppid() != parent:  # the parent was killed outright and left the ranks' directory (the store, the
+            shutil.rmtree(os.path.dirname(store), ignore_errors=True)  # errors): its ranks remove it as they go
         os._exit(code)  # not the parent's atexit handlers, nor its interpreter teardown
 
 

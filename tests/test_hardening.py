@@ -184,9 +184,9 @@ def sizable(tmp_path_factory):
     return make_model(cfg, tmp_path_factory.mktemp("sizable") / "hf", dtype=torch.bfloat16)
 
 
-def _start(*args):
+def _start(*args, env=None):
     return subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def _when_writing(tmp_path: Path, name: str, timeout: float = 60.0) -> None:
@@ -255,13 +255,18 @@ def test_a_stop_during_a_gc_callback_is_not_lost():
 
 @pytest.mark.slow
 def test_killed_parent_takes_its_ranks_and_the_next_run_sweeps(sizable, tmp_path):
-    p = _start("convert", sizable, tmp_path / "out", "--no-progress", "--workers", "2")
+    temp = tmp_path / "temp"  # where the ranks' directory goes (their rendezvous store)
+    temp.mkdir()
+    p = _start("convert", sizable, tmp_path / "out", "--no-progress", "--workers", "2",
+               env={**os.environ, "TMPDIR": str(temp)})
     _when_writing(tmp_path, "out")
+    assert [d.name[:17] for d in temp.iterdir()] == ["hf2mcore-workers-"]
     p.kill()  # SIGKILL: no cleanup in the parent; its ranks get SIGTERM from the kernel
     p.wait()
     assert _ranks_gone(p.pid)
     time.sleep(1)
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
+    assert not list(temp.iterdir()), "the ranks remove their directory, which their parent could not"
     # a single process killed outright leaves its temporary directory: the next run into OUT removes it
     p = _start("convert", sizable, tmp_path / "out", "--no-progress", "--workers", "1")
     _when_writing(tmp_path, "out")
