@@ -53,7 +53,8 @@ def judge(mlm, jobs: list[dict], nproc: int = 1) -> None:
     path = Path(jobs[0]["out"]).with_name("jobs.json")
     path.write_text(json.dumps(jobs))
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                  f"--nproc-per-node={nproc}", "--standalone"]  # a free port
+                                                  f"--nproc-per-node={nproc}", "--standalone",  # a free port
+                                                  "--log-dir", str(path.with_name("torchrun"))]  # (as test_parallel)
     # CUDA_DEVICE_MAX_CONNECTIONS as Megatron-LM's own launch scripts set it (validate_args requires it for TP > 1)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUDA_VISIBLE_DEVICES": "",
            "CUDA_DEVICE_MAX_CONNECTIONS": "1"}

@@ -45,8 +45,10 @@ def _hf_logits(hf_dir):
 def _torchrun(mode, hf, ckpt, tp, pp, ep, out):
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # (--log-dir: torchrun's log directory, else one more in the system's temporary directory each run, never removed)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                        str(WORKER), mode, str(hf), str(ckpt), str(tp), str(pp), str(ep), str(out)],
+                        "--log-dir", str(out / "torchrun"), str(WORKER), mode, str(hf), str(ckpt), str(tp), str(pp),
+                        str(ep), str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got, ref = torch.load(out / "logits.pt"), _hf_logits(hf)
