@@ -277,6 +277,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _open_files(pid: int) -> set[str]:
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed since the listing
+            pass
+    return held
+
+
 def test_the_checking_process_ends_with_its_parent_however_that_ends(tiny_models, tmp_path, place_all):
     """The NaN/Inf counting runs in a forked process: the end of the conversion ends it, and a parent killed
     outright (SIGKILL) takes it along."""
@@ -284,9 +294,12 @@ def test_the_checking_process_ends_with_its_parent_however_that_ends(tiny_models
     p = subprocess.Popen([sys.executable, "-c", SLOW_CHECK, hf, tmp_path / "out"], stdout=subprocess.PIPE, text=True)
     checker = int(p.stdout.readline())
     assert checker > 0 and _alive(checker)
-    # it holds the sources open, and nothing of the output (its placed files, the scratch directory's lock)
-    held = {os.readlink(f"/proc/{checker}/fd/{fd}") for fd in os.listdir(f"/proc/{checker}/fd")}
-    assert str(hf / "model.safetensors") in held and not [h for h in held if h.startswith(str(tmp_path))]
+    # it holds the sources open, and nothing of the output (its placed files, the scratch directory's lock), once it
+    # has closed what it inherited (it starts doing so at the fork, while its pid is being printed)
+    deadline = time.monotonic() + 10
+    while (output := [h for h in _open_files(checker) if h.startswith(str(tmp_path))]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not output and str(hf / "model.safetensors") in _open_files(checker)
     p.kill()
     p.wait()
     deadline = time.monotonic() + 10
