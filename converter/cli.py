@@ -107,8 +107,10 @@ def cmd_convert(a) -> int:
 
 
 def _converted(a, hf: Path, out: Path, script: str, recorded: dict) -> int:
-    print(f"wrote {out} (Megatron-LM: source {out}/megatron_args.sh, then {script} \"${{MODEL_ARGS[@]}}\" "
-          f"--load {out} --finetune)")
+    from .layout import use_line
+
+    # (the argument file's own line, quoted for the shell: an output path may hold spaces or quotes)
+    print(f"wrote {out} (Megatron-LM: {use_line(out, script).removeprefix('# use: ')})")
     for w in [*recorded.get("warnings", []), *recorded.get("megatron_lm_gaps", [])]:
         print(f"WARNING: {w}")
     if a.verify:

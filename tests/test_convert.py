@@ -94,6 +94,21 @@ def test_existing_output_needs_overwrite(tiny_models, tmp_path):
     assert r.returncode == 0 and not (tmp_path / "out" / "keep").exists()
 
 
+def test_the_printed_use_line_runs_in_a_shell(tiny_models, tmp_path):
+    """The command convert prints is pasted into a shell: an output path with a space, a quote and a `$` still
+    sources the argument file and loads that directory."""
+    hf = tiny_models("meta-llama/Llama-2-7b-hf")
+    out = tmp_path / "a b" / "it's $HOME"
+    r = _cli("convert", hf, out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[0]
+    use = line[line.index("(Megatron-LM: ") + len("(Megatron-LM: "):].removesuffix(")")
+    # torchrun stands in as a function that prints its arguments; the elision marks ("...") are its arguments too
+    got = subprocess.run(["bash", "-c", 'torchrun() { printf "%s\\0" "$@"; }\n' + use], capture_output=True,
+                         text=True, check=True).stdout.split("\0")
+    assert got[got.index("--load") + 1] == str(out.resolve())
+    assert "--num-layers" in got and "pretrain_gpt.py" in got
+
 def _assert_fails_cleanly(hf, tmp_path, match):
     r = _cli("convert", hf, tmp_path / "out", "--no-progress")
     assert r.returncode == 2, r.stderr
