@@ -493,6 +493,13 @@ def params_from_checkpoint(model, reader: ChunkReader, names: list[str]):
         yield name, buf
 
 
+def sync_save_strategy():
+    """megatron-core's torch_dist save with DCP's synchronous writer, as for convert. megatron-core's default
+    strategy starts a multiprocessing manager with the spawn method: a fresh interpreter that imports the caller's
+    `__main__` again, and runs all of it where a script has no `if __name__ == "__main__"` guard."""
+    return _strategy_class()(None)
+
+
 def save_model(model, root: str | Path, spec, *, overwrite: bool = False, extra=None) -> Path:
     """Save a live (possibly parallel) model as a Megatron-LM checkpoint root (layout.py), the way training saves
     it; every rank calls. Written under a temporary sibling and renamed by rank 0 when complete.
@@ -513,8 +520,7 @@ def save_model(model, root: str | Path, spec, *, overwrite: bool = False, extra=
         with cpu_patches():  # ModelOpt's quantizer state synchronizes CUDA when it is read
             sharded = model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
             sharded.update(layout.common_state(ns))
-            # DCP's synchronous writer, as for convert (megatron's default strategy forks a manager process)
-            dist_checkpointing.save(sharded, str(out), sharded_strategy=_strategy_class()(None),
+            dist_checkpointing.save(sharded, str(out), sharded_strategy=sync_save_strategy(),
                                     content_metadata=dict(CONTENT_METADATA))
             if extra is not None:
                 extra(out)

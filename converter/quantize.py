@@ -6,6 +6,7 @@ and its HF deployment export; this module supplies data, the quality report and 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -57,6 +58,28 @@ def quant_config(fmt: str, quantize_output_layer: bool = False) -> dict:
     rules.append({"quantizer_name": "*router*", "enable": False})
     cfg["quant_cfg"] = rules
     return cfg
+
+
+@contextlib.contextmanager
+def linear_functions_kept():
+    """megatron-core's linear functions as they were, whatever happens inside.
+
+    For each forward, ModelOpt's quantized linears put a function of their own (bound to their quantizers) in place of
+    megatron-core's `linear_with_grad_accumulation_and_async_allreduce` and put the original back when the forward
+    returns, not when it raises (modelopt's replace_function has no try/finally). A forward that raised (out of
+    memory in calibration, a format the device cannot run, Ctrl-C) left it there for the whole process: every later
+    forward of any model, a fresh unquantized one included, then ran through the failed model's quantizers."""
+    from megatron.core.tensor_parallel import layers
+
+    before = dict(vars(layers))
+    try:
+        yield
+    finally:
+        for name in vars(layers).keys() - before.keys():
+            delattr(layers, name)
+        for name, value in before.items():
+            if vars(layers).get(name) is not value:
+                setattr(layers, name, value)
 
 
 # ---- text -----------------------------------------------------------------------------------------------
@@ -127,7 +150,8 @@ def evaluate(model, batches: list[torch.Tensor], vocab: int, ref: list[torch.Ten
     nll, count, logits_out = 0.0, 0, []
     worst, scale, kl = 0.0, 0.0, 0.0
     for i, ids in enumerate(batches):
-        logits = mcore_logits(model, ids)[..., :vocab].float()
+        with linear_functions_kept():
+            logits = mcore_logits(model, ids)[..., :vocab].float()
         target = ids[:, 1:].to(logits.device)
         nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum").item()
         count += target.numel()
@@ -191,7 +215,8 @@ def quantize(model, fmt: str, calib: Callable | list[torch.Tensor], *, quantize_
     loop = calib if callable(calib) else (lambda m: [mcore_logits(m, ids) for ids in calib])
     counter = ExpertTokens(model)
     try:
-        mtq.quantize(model, cfg, loop)
+        with linear_functions_kept():
+            mtq.quantize(model, cfg, loop)
     finally:
         counter.close()
     for _, mod in model.named_modules():
@@ -246,7 +271,7 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     from transformers import AutoTokenizer
 
     from .atomic import atomic_dir, refuse_existing
-    from .mcore_io import save_model
+    from .mcore_io import save_model, sync_save_strategy
 
     _require_cuda(device)
     _mtq()
@@ -282,7 +307,7 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, fmt: str, *, like:
     def extra(release: Path) -> None:
         from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
-        save_sharded_modelopt_state([model], str(release))
+        save_sharded_modelopt_state([model], str(release), sharded_strategy=sync_save_strategy())
         (release.parent / "quant_report.json").write_text(json.dumps(report, indent=2))
 
     if export_hf is not None:

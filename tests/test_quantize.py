@@ -74,6 +74,36 @@ def test_moe_experts_without_tokens_still_get_scales(tiny_models):
     assert expert.linear_fc1.weight_quantizer.amax is not None and expert.linear_fc1.input_quantizer.amax is not None
 
 
+def test_a_forward_that_raises_leaves_later_models_unquantized(tiny_models):
+    """A quantized forward that raises, in calibration or in the report's evaluation, leaves megatron-core's linear
+    functions as they were: a fresh model built after it computes what it computed before (ModelOpt alone left its
+    quantized function in their place for the process, and every later forward ran through those quantizers)."""
+    from converter.quantize import evaluate
+    from converter.model import mcore_logits
+
+    hf, ids = tiny_models("meta-llama/Llama-3.2-1B"), torch.tensor([[5, 17, 101, 7, 9]])
+    clean = mcore_logits(megatron_model(hf, dtype="bf16").eval(), ids)
+
+    def stop(*_):
+        raise RuntimeError("stopped inside a quantized linear")
+
+    def calibrate_then_stop(m):
+        mcore_logits(m, ids)
+        m.decoder.layers[0].self_attention.linear_qkv.input_quantizer.register_forward_pre_hook(stop)
+        mcore_logits(m, ids)
+
+    with pytest.raises(RuntimeError, match="stopped inside"):
+        quantize(megatron_model(hf, dtype="bf16").eval(), "fp8", calibrate_then_stop)
+    assert torch.equal(mcore_logits(megatron_model(hf, dtype="bf16").eval(), ids), clean)
+
+    model = megatron_model(hf, dtype="bf16").eval()
+    quantize(model, "fp8", [ids])
+    model.decoder.layers[1].mlp.linear_fc2.input_quantizer.register_forward_pre_hook(stop)
+    with pytest.raises(RuntimeError, match="stopped inside"):
+        evaluate(model, [ids], 100)
+    assert torch.equal(mcore_logits(megatron_model(hf, dtype="bf16").eval(), ids), clean)
+
+
 @pytest.mark.slow
 def test_quantized_checkpoint_reloads_and_exports(smollm2, tmp_path):
     """fp8 on CPU (fake quantization): report, save, reload in a fresh process with the same perplexity, HF export."""
@@ -101,6 +131,23 @@ def test_quantized_checkpoint_reloads_and_exports(smollm2, tmp_path):
         quantize_checkpoint(out, tmp_path / "qq", "fp8", like=smollm2, device="cpu")
     with pytest.raises(ConversionError, match="--export-hf supports fp8, nvfp4"):
         quantize_checkpoint(smollm2, tmp_path / "q3", "int4_awq", export_hf=tmp_path / "x", device="cpu")
+
+
+@pytest.mark.slow
+def test_a_script_that_quantizes_runs_once(smollm2, tmp_path):
+    """A library call from a plain script, without an `if __name__ == "__main__"` guard: saving the quantized
+    checkpoint starts no process that runs the script again (megatron-core's default save strategy, which ModelOpt's
+    state save used, spawned a manager process, and that imported the script's `__main__` anew)."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "plain.py"
+    script.write_text(f"with open({str(runs)!r}, 'a') as f:\n    f.write('started\\n')\n"
+                      "from converter.quantize import quantize_checkpoint\n"
+                      f"quantize_checkpoint({str(smollm2)!r}, {str(tmp_path / 'q')!r}, 'fp8', calib_size=1, "
+                      "calib_seq_len=16, calib_batch_size=1, eval_size=1, device='cpu')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert runs.read_text() == "started\n"
+    assert (tmp_path / "q" / "release" / "modelopt_state" / "metadata.json").is_file()
 
 
 @pytest.mark.gpu
