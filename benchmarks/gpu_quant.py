@@ -81,12 +81,13 @@ def main():
         return {k: r[k] for k in ("rel_err", "top1_agreement", "tokens")}
 
     stage("convert+verify bf16 (cuda)", convert_verify)
+    # every quantize_checkpoint below calibrates and evaluates alike, so that their perplexities compare
+    calibration = dict(calib_size=a.calib_size, calib_seq_len=a.seq_len, calib_batch_size=8, eval_size=a.eval_size,
+                       overwrite=True, device=dev)
     for fmt in FORMATS:
         def run(fmt=fmt):
             exp = work / f"{fmt}_hf" if fmt in HF_EXPORT_FORMATS else None
-            return quantize_checkpoint(hf, work / fmt, fmt, calib_size=a.calib_size, calib_seq_len=a.seq_len,
-                                       calib_batch_size=8, eval_size=a.eval_size, export_hf=exp, overwrite=True,
-                                       device=dev)
+            return quantize_checkpoint(hf, work / fmt, fmt, export_hf=exp, **calibration)
         stage(f"quantize {fmt}", run)
 
     def reload_all():
@@ -130,9 +131,7 @@ def main():
         placed = sorted(p.name for p in (mc / "release").glob("__placed_*.distcp"))
         if not placed:
             raise RuntimeError("the command line placed no tensor early: not the checkpoint this stage is for")
-        q = quantize_checkpoint(mc, work / "fp8_from_cli", "fp8", like=hf, calib_size=a.calib_size,
-                                calib_seq_len=a.seq_len, calib_batch_size=8, eval_size=a.eval_size, overwrite=True,
-                                device=dev)
+        q = quantize_checkpoint(mc, work / "fp8_from_cli", "fp8", like=hf, **calibration)
         ppl, ref = q["quantized"]["perplexity"], results["quantize fp8"]["quantized"]["perplexity"]
         return {"placed_files": placed, "ppl": ppl, "ppl_from_hf": ref, "rel_diff": abs(ppl / ref - 1)}
 

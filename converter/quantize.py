@@ -149,19 +149,19 @@ def evaluate(model, batches: list[torch.Tensor], vocab: int, ref: list[torch.Ten
     """Perplexity on `batches`; with `ref` (the unquantized logits) also relative logit error and mean KL."""
     nll, count, logits_out = 0.0, 0, []
     worst, scale, kl = 0.0, 0.0, 0.0
-    for i, ids in enumerate(batches):
-        with linear_functions_kept():
+    with linear_functions_kept():
+        for i, ids in enumerate(batches):
             logits = mcore_logits(model, ids)[..., :vocab].float()
-        target = ids[:, 1:].to(logits.device)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum").item()
-        count += target.numel()
-        if ref is None:
-            logits_out.append(logits)
-            continue
-        r = ref[i].to(logits.device)
-        worst, scale = max(worst, (logits - r).abs().max().item()), max(scale, r.abs().max().item())
-        kl += F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(r, -1).flatten(0, 1),
-                       log_target=True, reduction="sum").item()
+            target = ids[:, 1:].to(logits.device)
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum").item()
+            count += target.numel()
+            if ref is None:
+                logits_out.append(logits)
+                continue
+            r = ref[i].to(logits.device)
+            worst, scale = max(worst, (logits - r).abs().max().item()), max(scale, r.abs().max().item())
+            kl += F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(r, -1).flatten(0, 1),
+                           log_target=True, reduction="sum").item()
     out = {"perplexity": math.exp(nll / count), "tokens": count}
     if ref is not None:
         out.update(rel_logit_err=worst / scale, kl_per_token=kl / sum(b.numel() for b in batches))

@@ -109,6 +109,7 @@ def test_the_printed_use_line_runs_in_a_shell(tiny_models, tmp_path):
     assert got[got.index("--load") + 1] == str(out.resolve())
     assert "--num-layers" in got and "pretrain_gpt.py" in got
 
+
 def _assert_fails_cleanly(hf, tmp_path, match):
     r = _cli("convert", hf, tmp_path / "out", "--no-progress")
     assert r.returncode == 2, r.stderr
