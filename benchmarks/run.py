@@ -157,6 +157,8 @@ def main():
         REPLAYED: replayed,
         # what every convert run pays before its first byte: the Python imports alone
         "hf2mcore start-up alone (imports)": [sys.executable, "-W", "ignore", "-c", STARTUP],
+        # the part of that start-up no converter built on torch avoids: its own import, nothing of hf2mcore's
+        "import torch alone": [sys.executable, "-W", "ignore", "-c", "import torch, os; os._exit(0)"],
         **({f"hf2mcore convert at {a.baseline} (1 process)": baseline(convert + ["--workers", "1"]),
             f"hf2mcore convert at {a.baseline} (default, replayed)": baseline(
                 ["env", f"HF2MCORE_REPLAY={records}-baseline", *replayed[2:]])}

@@ -1,7 +1,6 @@
 """Logits of the converted Megatron-Core model against HF transformers' forward, on the same text."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -83,7 +82,3 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, device: str = "cpu", text:
     report["ok"] = (not any(report["nonfinite"].values()) and report["rel_err"] <= tol
                     and report["top1_agreement"] == 1.0)
     return report
-
-
-def format_report(r: dict) -> str:
-    return json.dumps(r, indent=2)

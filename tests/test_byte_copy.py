@@ -105,7 +105,6 @@ def test_nonfinite_values_are_found_in_the_copied_bytes(tiny_models, tmp_path, m
     the first windows (at offsets that are not page-aligned) still stops the conversion by name."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     hf = tiny_models("meta-llama/Llama-3.2-1B", "bf16")
