@@ -279,7 +279,10 @@ def yarn_attributes(ns: dict) -> dict[str, Any]:
             "yarn_original_max_position_embeddings", "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow",
             "mscale": "mscale", "mscale_all_dim": "mscale_all_dim",
             "correction_range_round_to_int": "yarn_correction_range_round_to_int"}
-    fallback = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+    # what Megatron-LM puts in place of a flag left unset (None), for each of them: an unset
+    # --yarn-correction-range-round-to-int (truncate, HF's default) is True there
+    fallback = {"rotary_scaling_factor": 1.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0, "correction_range_round_to_int": True}
     out = {}
     for attr, dest in pick.items():
         v = value(ns, dest)

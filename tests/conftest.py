@@ -26,6 +26,7 @@ FAMILY_CONFIGS = [
     "mistralai/Mistral-7B-v0.1",
     "Qwen/Qwen2.5-7B",  # qkv bias
     "Qwen/Qwen3-8B",  # qk norm, head_dim != hidden/heads
+    "Qwen/Qwen3-8B#yarn",  # yarn rope without MLA, truncated (Megatron-LM's unset round-to-int flag)
     "microsoft/Phi-3-mini-4k-instruct",  # fused qkv and gate_up
     "mistralai/Mixtral-8x7B-v0.1",  # MoE
     "Qwen/Qwen3-30B-A3B",  # MoE + qk norm

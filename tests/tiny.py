@@ -20,6 +20,10 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
              "deepseek-ai/DeepSeek-V3#kimi-k2": {"rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
                                                                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                                   "original_max_position_embeddings": 4096}},
+             # Qwen's long-context recipe (rope_scaling added to config.json), truncated as HF's yarn is by default
+             "Qwen/Qwen3-8B#yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 64},
+                                    "max_position_embeddings": 256},
              "openai/gpt-oss-20b#short-context": {"rope_scaling": {
                  "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 64}},
