@@ -4,6 +4,7 @@ refuses, by field name, what megatron-core cannot express."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -400,11 +401,34 @@ class _Deriver:
         if kind == "yarn":
             omp = (_typed(params, "original_max_position_embeddings", int)
                    or self.get("original_max_position_embeddings", kind=int))
+            mscale_all_dim = num("mscale_all_dim", 0.0)
             return RopeSpec(kind="yarn", theta=theta, factor=factor, original_max_position_embeddings=omp,
                             truncate=params.get("truncate", True) is not False,
-                            beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1), mscale=num("mscale", 1.0),
-                            mscale_all_dim=num("mscale_all_dim", 0.0))
+                            beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1),
+                            mscale=self._yarn_mscale(params, factor, mscale_all_dim), mscale_all_dim=mscale_all_dim)
         self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, llama3 and yarn rope)")
+
+    def _yarn_mscale(self, params: dict, factor: float, mscale_all_dim: float) -> float:
+        """megatron-core's yarn scales cos and sin by g(factor, mscale) / g(factor, mscale_all_dim), with
+        g(f, m) = 0.1 m ln f + 1; HF by `attention_factor` if given, by that ratio only where mscale and
+        mscale_all_dim are both set (DeepSeek's), else by g(factor, 1). The mscale that gives HF's factor (MLA's
+        softmax scale takes mscale_all_dim alone, in both)."""
+        given = params.get("attention_factor")
+        mscale = _typed(params, "mscale", (int, float))
+        if given is None and mscale and mscale_all_dim:
+            return float(mscale)
+        if given is None and not mscale_all_dim:
+            return 1.0
+        if given is not None:
+            target = float(_typed(params, "attention_factor", (int, float)))
+        else:
+            target = 1 + 0.1 * math.log(factor) if factor > 1 else 1.0
+        if factor <= 1:  # g is 1 whatever mscale is
+            if target != 1.0:
+                self.refuse(f"yarn attention_factor={target} with factor={factor} (megatron-core scales by 1 "
+                            "for factor <= 1)")
+            return 1.0
+        return (target * (1 + 0.1 * mscale_all_dim * math.log(factor)) - 1) / (0.1 * math.log(factor))
 
     def _moe(self, num_layers: int, layers: str | None = None) -> MoESpec | None:
         experts = self.int_field("num_experts")

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import FAMILY_CONFIGS
+from tiny import make_model, tiny_config
 from converter import ConversionError
 from converter.convert import convert
 from converter.export import export
@@ -40,6 +41,18 @@ def test_bf16_round_trip_is_bit_exact(name, tiny_models, tmp_path):
     out = convert(hf, tmp_path / "mc", dtype="bf16", progress=False, exact=True)
     assert_bit_exact(hf, export(out, tmp_path / "back", progress=False))
     assert verify(hf, out)["ok"]
+
+
+@pytest.mark.parametrize("scaling", [{"attention_factor": 1.3, "mscale_all_dim": 0.5}, {"mscale": 0.707},
+                                     {"mscale_all_dim": 0.5}])
+def test_yarn_attention_factor_as_hf_computes_it(scaling, tmp_path):
+    """HF scales yarn's cos and sin by attention_factor if given, by g(mscale) / g(mscale_all_dim) only where both
+    are set, else by g(1); megatron-core always by that ratio: the written --mscale gives it HF's factor."""
+    cfg = tiny_config("Qwen/Qwen3-8B#yarn")
+    cfg["rope_scaling"] = {**cfg["rope_scaling"], **scaling}
+    hf = make_model(cfg, tmp_path / "hf")
+    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
+    assert r["ok"], r
 
 
 def test_smollm2_real_model(smollm2, tmp_path):
