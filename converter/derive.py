@@ -369,13 +369,28 @@ class _Deriver:
         window = self.get("sliding_window", kind=int)
         if not window or not self.get("use_sliding_window", True):
             return {}
-        types = self.get("layer_types", kind=list)
+        types = self.get("layer_types", kind=list) or self._computed_layer_types()
         if not types:
             return {"window": window}
         odd = sorted(set(types) - {"sliding_attention", "full_attention"})
         if odd:
             self.refuse(f"layer_types {odd}")
         return {"window": window, "window_layers": tuple(int(t == "sliding_attention") for t in types)}
+
+    def _computed_layer_types(self) -> list | None:
+        """The layer_types transformers' config class computes where config.json has none: with max_window_layers,
+        only some layers slide, by a rule of each class's own (Qwen2's: from that layer on; Qwen2-MoE's: every
+        other layer below it). None where no such field says so: every layer slides."""
+        if self.get("max_window_layers") is None:
+            return None
+        try:
+            from transformers import AutoConfig
+
+            types = AutoConfig.for_model(**self.cfg).layer_types
+        except Exception as e:  # (a model type transformers does not know)
+            self.refuse(f"max_window_layers={self.get('max_window_layers')} without layer_types: transformers "
+                        f"cannot tell which layers use the sliding window ({type(e).__name__}: {e})"[:300])
+        return list(types) if types else None
 
     def _rope(self) -> RopeSpec:
         if self.implied.get("position_embedding") == "none":

@@ -55,6 +55,18 @@ def test_yarn_attention_factor_as_hf_computes_it(scaling, tmp_path):
     assert r["ok"], r
 
 
+def test_sliding_window_from_max_window_layers(tmp_path):
+    """A Qwen2 config as published has no layer_types: with use_sliding_window, transformers slides only the layers
+    from max_window_layers on (here the second of two), beyond a window shorter than verify's text."""
+    cfg = {**tiny_config("Qwen/Qwen2.5-7B"), "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}
+    hf = make_model(cfg, tmp_path / "hf")
+    written = json.loads((hf / "config.json").read_text())
+    assert written.pop("layer_types") == ["full_attention", "sliding_attention"]
+    (hf / "config.json").write_text(json.dumps(written))
+    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
+    assert r["ok"], r
+
+
 def test_smollm2_real_model(smollm2, tmp_path):
     out = convert(smollm2, tmp_path / "mc", dtype="fp32", progress=False)
     r = verify(smollm2, out)
