@@ -83,10 +83,12 @@ def gqa_attention(attn: str = "model.layers.{i}.self_attn.", norm: str = "model.
 
 
 def gated_mlp(mcore: str, hf: str, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> list[Rule]:
-    """linear_fc1 = [gate; up], linear_fc2 = down."""
+    """linear_fc1 = [gate; up], linear_fc2 = down (+ their biases where the model has them)."""
     return [
         rule(mcore + "linear_fc1.weight", f"{hf}{gate}.weight", f"{hf}{up}.weight", transform=GATE_UP),
+        rule(mcore + "linear_fc1.bias", f"{hf}{gate}.bias", f"{hf}{up}.bias", transform=GATE_UP),
         rule(mcore + "linear_fc2.weight", f"{hf}{down}.weight"),
+        rule(mcore + "linear_fc2.bias", f"{hf}{down}.bias"),
     ]
 
 

@@ -20,6 +20,7 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
              "deepseek-ai/DeepSeek-V3#kimi-k2": {"rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
                                                                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                                   "original_max_position_embeddings": 4096}},
+             "meta-llama/Llama-2-7b-hf#biases": {"attention_bias": True, "mlp_bias": True},
              # Qwen's long-context recipe (rope_scaling added to config.json), truncated as HF's yarn is by default
              "Qwen/Qwen3-8B#yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                      "original_max_position_embeddings": 64},
