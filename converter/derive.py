@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ ALIASES = {
 }
 DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "attention_bias",
              "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
-             "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step")
+             "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step", "qkv_bias")
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}
 PLAIN_ACTIVATIONS = {"relu2": "squared_relu"}  # MLPs without a gate (the family says: "mlp": "plain")
 # Hybrid layer kinds: transformers' layers_block_type names (4.x and 5.x) -> megatron-core's pattern symbols
@@ -124,7 +125,9 @@ def _hf_defaults(model_type: str | None) -> dict:
     from .default_model import cache_dir
 
     try:
-        path = cache_dir() / f"hf_defaults-transformers-{version('transformers')}.json"
+        # (the fields too: a table cached before a field joined DEFAULTED would lack it for every model type)
+        fields = zlib.crc32(" ".join(DEFAULTED).encode())
+        path = cache_dir() / f"hf_defaults-transformers-{version('transformers')}-{fields:08x}.json"
     except PackageNotFoundError:
         return {}
     try:
@@ -212,7 +215,7 @@ class _Deriver:
         if not plain and act not in GATED_ACTIVATIONS:
             self.refuse(f"hidden_act={act!r} (Megatron-LM's gated MLPs are --swiglu and --quick-geglu)")
         attn_bias, mlp_bias = self.get("attention_bias", False, kind=bool), self.get("mlp_bias", False, kind=bool)
-        qkv_bias = attn_bias
+        qkv_bias = attn_bias or self.get("qkv_bias", False, kind=bool)  # (Qwen2-MoE's field: q/k/v only)
         if self.implied.get("attention_bias_is_qkv_only"):  # e.g. GLM-4.5: o_proj never has a bias
             attn_bias = False
         if attn_bias != mlp_bias:

@@ -31,6 +31,9 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
              "transformers:nemotron_h:NemotronHForCausalLM#nemotron-3": {"n_group": 2, "topk_group": 1,
                                                                          "routed_scaling_factor": 2.5},
              "Qwen/Qwen3-Next-80B-A3B-Thinking": {"mlp_only_layers": [1]},  # a dense MLP layer too
+             # transformers' Qwen2MoeConfig defaults are Qwen1.5-MoE-A2.7B's: its shared expert small, a dense layer
+             "transformers:qwen2_moe:Qwen2MoeForCausalLM": {"shared_expert_intermediate_size": 48,
+                                                           "mlp_only_layers": [1]},
              # two layers: one NoPE, one dense
              "meta-llama/Llama-4-Scout-17B-16E-Instruct:text": {"no_rope_layer_interval": 2,
                                                                 "interleave_moe_layer_step": 2}}
