@@ -372,6 +372,9 @@ class _Deriver:
         window = self.get("sliding_window", kind=int)
         if not window or not self.get("use_sliding_window", True):
             return {}
+        if not self.implied.get("reads_sliding_window"):
+            self._unread("sliding_window", window, "attends over the whole sequence")
+            return {}
         types = self.get("layer_types", kind=list) or self._computed_layer_types()
         if not types:
             return {"window": window}
@@ -379,6 +382,12 @@ class _Deriver:
         if odd:
             self.refuse(f"layer_types {odd}")
         return {"window": window, "window_layers": tuple(int(t == "sliding_attention") for t in types)}
+
+    def _unread(self, field: str, value: Any, instead: str) -> None:
+        """A field the architecture's modeling code in transformers never reads (the family does not say it
+        reads it): converted as HF runs the model, and said."""
+        self.warnings.append(f"{field}={value}: {self.arch}'s modeling code in transformers does not read it (it "
+                             f"{instead}); converted as transformers runs it, without")
 
     def _computed_layer_types(self) -> list | None:
         """The layer_types transformers' config class computes where config.json has none: with max_window_layers,
@@ -405,6 +414,9 @@ class _Deriver:
         theta = num("rope_theta", self.number("rope_theta", 10000.0))
         kind = _typed(params, "rope_type", str) or _typed(params, "type", str) or "default"
         percent = num("partial_rotary_factor", self.number("partial_rotary_factor", 1.0))
+        if percent != 1.0 and kind == "default" and not self.implied.get("reads_partial_rotary"):
+            self._unread("partial_rotary_factor", percent, "rotates every dimension of a head")
+            percent = 1.0
         if percent != 1.0 and kind != "default":
             self.refuse(f"partial_rotary_factor={percent} with {kind} rope scaling")
         if kind == "default":

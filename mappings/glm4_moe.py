@@ -7,7 +7,7 @@ FAMILY = Family(
     name="glm4_moe",
     # the modeling code always routes like DeepSeek-V3's noaux_tc, and attention_bias covers q/k/v only
     architectures={"Glm4MoeForCausalLM": {"scoring_func": "sigmoid", "topk_method": "noaux_tc",
-                                          "attention_bias_is_qkv_only": True}},
+                                          "attention_bias_is_qkv_only": True, "reads_partial_rotary": True}},
     rules=(
         *embeddings(), *gqa_attention(), *pre_mlp_norm(),
         rule(L + "mlp.router.weight", M + "gate.weight"),

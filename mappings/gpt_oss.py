@@ -9,7 +9,7 @@ FAMILY = Family(
     name="gpt_oss",
     # the modeling code fixes: biases on every projection, sinks, softmax over the top-k, the clamped GLU
     architectures={"GptOssForCausalLM": {"mlp_bias": True, "attention_sinks": True, "norm_topk_prob": True,
-                                         "glu": "clamped_swiglu"}},
+                                         "glu": "clamped_swiglu", "reads_sliding_window": True}},
     packed=(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?",),
     rules=(
         *embeddings(), *gqa_attention(), *pre_mlp_norm(),

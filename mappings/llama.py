@@ -4,11 +4,12 @@ from .base import Family, embeddings, gated_mlp, gqa_attention, pre_mlp_norm, L
 FAMILY = Family(
     name="llama",
     architectures={
+        # (reads_*: config fields the modeling code reads; without, derive leaves them out and says so)
         "LlamaForCausalLM": {},
-        "MistralForCausalLM": {},
+        "MistralForCausalLM": {"reads_sliding_window": True},
         # Qwen2's modeling code always gives q/k/v a bias; the config has no field for it.
-        "Qwen2ForCausalLM": {"add_qkv_bias": True},
-        "Qwen3ForCausalLM": {"qk_layernorm": True},
+        "Qwen2ForCausalLM": {"add_qkv_bias": True, "reads_sliding_window": True},
+        "Qwen3ForCausalLM": {"qk_layernorm": True, "reads_sliding_window": True},
     },
     rules=(*embeddings(), *gqa_attention(), *pre_mlp_norm(), *gated_mlp(L + "mlp.", "model.layers.{i}.mlp.")),
 )

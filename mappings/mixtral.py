@@ -5,7 +5,7 @@ M = "model.layers.{i}.block_sparse_moe."
 FAMILY = Family(
     name="mixtral",
     # Mixtral's router always renormalises the top-k probabilities.
-    architectures={"MixtralForCausalLM": {"norm_topk_prob": True}},
+    architectures={"MixtralForCausalLM": {"norm_topk_prob": True, "reads_sliding_window": True}},
     rules=(
         *embeddings(), *gqa_attention(), *pre_mlp_norm(),
         rule(L + "mlp.router.weight", M + "gate.weight"),

@@ -11,7 +11,7 @@ FAMILY = Family(
     name="qwen3_next",
     architectures={"Qwen3NextForCausalLM": {"hybrid": "qwen3_next", "hf_layer_span": 2, "qk_layernorm": True,
                                             "attention_output_gate": True, "zero_centered_norm": True,
-                                            "shared_expert_gate": True}},
+                                            "shared_expert_gate": True, "reads_partial_rotary": True}},
     # releases carry a multi-token-prediction module that transformers does not load either (derive warns)
     ignore=(r".*rotary_emb\.inv_freq", r"mtp\..*"),
     rules=(

@@ -6,7 +6,8 @@ M = "model.layers.{i}.mlp."
 FAMILY = Family(
     name="qwen_moe",
     # (Qwen2-MoE's modeling code always gates its shared expert: no config field says so)
-    architectures={"Qwen3MoeForCausalLM": {"qk_layernorm": True}, "Qwen2MoeForCausalLM": {"shared_expert_gate": True}},
+    architectures={"Qwen3MoeForCausalLM": {"qk_layernorm": True, "reads_sliding_window": True},
+                   "Qwen2MoeForCausalLM": {"shared_expert_gate": True, "reads_sliding_window": True}},
     rules=(
         *embeddings(), *gqa_attention(), *pre_mlp_norm(),
         rule(L + "mlp.router.weight", M + "gate.weight"),

@@ -55,6 +55,18 @@ def test_yarn_attention_factor_as_hf_computes_it(scaling, tmp_path):
     assert r["ok"], r
 
 
+@pytest.mark.parametrize("field,value", [("sliding_window", 16), ("partial_rotary_factor", 0.5)])
+def test_fields_the_modeling_code_does_not_read(field, value, tmp_path):
+    """LlamaForCausalLM's modeling code reads neither field (whole-sequence attention, rope on every dimension):
+    converted as transformers runs it, with a warning that names the field."""
+    from converter.derive import derive
+
+    hf = make_model({**tiny_config("meta-llama/Llama-2-7b-hf"), field: value}, tmp_path / "hf")
+    assert any(w.startswith(f"{field}={value}: LlamaForCausalLM's modeling code") for w in derive(hf).warnings)
+    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
+    assert r["ok"], r
+
+
 def test_sliding_window_from_max_window_layers(tmp_path):
     """A Qwen2 config as published has no layer_types: with use_sliding_window, transformers slides only the layers
     from max_window_layers on (here the second of two), beyond a window shorter than verify's text."""
