@@ -474,6 +474,9 @@ class _Deriver:
         if score not in ("softmax", "sigmoid"):
             self.refuse(f"scoring_func={score!r}")
         norm = bool(self.implied.get("norm_topk_prob", self.get("norm_topk_prob", False, kind=bool)))
+        if "norm_topk_prob" in self.implied and self.cfg.get("norm_topk_prob") not in (None, norm):
+            self._unread("norm_topk_prob", self.cfg["norm_topk_prob"], f"{'' if norm else 'never '}renormalises "
+                         "the top-k weights")
         if score == "sigmoid" and not norm and topk > 1:
             self.refuse("scoring_func='sigmoid' with norm_topk_prob=false (megatron-core renormalises sigmoid top-k)")
         method = self.get("topk_method", "greedy", kind=str)
@@ -512,6 +515,9 @@ class _Deriver:
         kv_rank = self.int_field("kv_lora_rank")
         if not kv_rank:
             return None
+        if self.get("rope_interleave", True) is False:  # DeepSeek-V3's modeling code: rotate_half on q/k_rot
+            self.refuse("rope_interleave=false (megatron-core's multi-latent attention rotates the interleaved "
+                        "pairs of DeepSeek's weights)")
         g = self.int_field
         return MLASpec(q_lora_rank=g("q_lora_rank"), kv_lora_rank=kv_rank,
                        qk_head_dim=g("qk_nope_head_dim", required=True),

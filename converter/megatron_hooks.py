@@ -75,6 +75,11 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
             attn.submodules.core_attention = LocalMLACoreAttention
             if transformer.q_lora_rank is None:
                 attn.submodules.q_layernorm = IdentityOp
+            if "mla_latent_norm_eps" in settings:
+                for norm in ("q_layernorm", "kv_layernorm"):
+                    built = getattr(attn.submodules, norm)
+                    if built is not IdentityOp:
+                        setattr(attn.submodules, norm, FixedEps(built, settings["mla_latent_norm_eps"]))
         if l2 is not None:
             attn.submodules.q_layernorm = attn.submodules.k_layernorm = L2Norm if l2[offset + i] else IdentityOp
     if settings.get("mla") and transformer.mtp_num_layers and block.layer_specs:
@@ -185,6 +190,16 @@ class LocalHybridStack(HybridStack):
         self.post_layer_norm = post_layer_norm
         if post_process and post_layer_norm:
             self.final_norm = final_norm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class FixedEps:
+    """A norm builder that gives its norms `eps`, whatever epsilon the module building them passes."""
+
+    def __init__(self, norm, eps: float):
+        self.norm, self.eps = norm, eps
+
+    def __call__(self, *args, **kwargs):
+        return self.norm(*args, **{**kwargs, "eps": self.eps})
 
 
 class LocalMLASelfAttention(MLASelfAttention):

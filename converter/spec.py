@@ -18,6 +18,8 @@ from .layout import HOOK_MODULE
 MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # MLATransformerConfig's yarn defaults, which no Megatron-LM flag changes
 MCORE_MLA_YARN = {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}
+# transformers' DeepSeek attention builds its q_a_layernorm and kv_a_layernorm with this eps, whatever rms_norm_eps says
+HF_MLA_LATENT_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ MEASURED = {
     "rope_scaling.low_freq_factor/high_freq_factor": "1.0e-1 at 160 tokens (Llama 4: low 1, high 1)",
     "no_rope_layers": "2.4e-1 at 160 tokens (Llama 4, every other layer NoPE)",
     "rope_scaling.beta_fast/beta_slow/original_max_position_embeddings": "4.4e-1 at 160 tokens (Kimi-K2: betas 1, 1)",
+    "rms_norm_eps": "1.3e-4 at 160 tokens (DeepSeek-V3 with rms_norm_eps 1e-5; 1.9e-5 for DeepSeek-V2-Lite's layout)",
 }
 
 
@@ -264,6 +267,11 @@ class ModelSpec:
                                f"MLA yarn {want}: no flag reaches MLATransformerConfig's, which keeps {MCORE_MLA_YARN}",
                                "arguments.py: map --yarn-beta-fast/--yarn-beta-slow/--yarn-original-max-position-"
                                "embeddings onto MLATransformerConfig", {"mla_config": want}))
+        if self.mla is not None and self.norm_epsilon != HF_MLA_LATENT_EPS:
+            out.append(Gap("rms_norm_eps", f"rms_norm_eps={self.norm_epsilon}: transformers' multi-latent attention "
+                           f"normalises the compressed q and kv with eps {HF_MLA_LATENT_EPS}, megatron-core's with "
+                           "--norm-epsilon", "MLASelfAttention: an epsilon of its own for q_layernorm and kv_layernorm",
+                           {"mla_latent_norm_eps": HF_MLA_LATENT_EPS}))
         if r.theta != int(r.theta):
             out.append(Gap("rope_theta", f"rope_theta={r.theta}: Megatron-LM's --rotary-base is an integer",
                            "arguments.py: --rotary-base type=float", None))

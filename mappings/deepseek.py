@@ -5,8 +5,10 @@ A, M = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
 S = L + "self_attention."
 FAMILY = Family(
     name="deepseek",
-    # MLA always normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm)
-    architectures={"DeepseekV2ForCausalLM": {"qk_layernorm": True}, "DeepseekV3ForCausalLM": {"qk_layernorm": True}},
+    # MLA always normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm); transformers' DeepSeek-V2
+    # router never renormalises its top-k, whatever norm_topk_prob says
+    architectures={"DeepseekV2ForCausalLM": {"qk_layernorm": True, "norm_topk_prob": False},
+                   "DeepseekV3ForCausalLM": {"qk_layernorm": True}},
     rules=(
         *embeddings(), *pre_mlp_norm(),
         rule(L + "input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),

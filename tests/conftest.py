@@ -38,6 +38,7 @@ FAMILY_CONFIGS = [
     "openai/gpt-oss-20b",  # sinks, alternating sliding window, yarn (not truncated), packed experts, clamped GLU
     "meta-llama/Llama-4-Scout-17B-16E-Instruct:text",  # NoPE, L2 q/k norm, llama3 rope (high 1), top-1 on input
     "deepseek-ai/DeepSeek-V3#kimi-k2",  # Kimi-K2: DeepSeek-V3's layout, yarn betas 1, 1
+    "deepseek-ai/DeepSeek-V3#eps",  # rms_norm_eps 1e-5: MLA's latent norms keep 1e-6 in HF (a gap the hook closes)
     "openai/gpt-oss-20b#short-context",  # yarn with an original context of 64: the tests' 160 tokens go beyond it
     "nvidia/Nemotron-H-56B-Base-8K",  # hybrid (HybridModel): Mamba-2, squared-ReLU MLP and attention without rope
     # Nemotron 3-style hybrid MoE: Mamba-2, sigmoid-routed non-gated experts in groups, shared expert, attention

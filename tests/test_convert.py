@@ -55,14 +55,18 @@ def test_yarn_attention_factor_as_hf_computes_it(scaling, tmp_path):
     assert r["ok"], r
 
 
-@pytest.mark.parametrize("field,value", [("sliding_window", 16), ("partial_rotary_factor", 0.5)])
-def test_fields_the_modeling_code_does_not_read(field, value, tmp_path):
-    """LlamaForCausalLM's modeling code reads neither field (whole-sequence attention, rope on every dimension):
-    converted as transformers runs it, with a warning that names the field."""
+@pytest.mark.parametrize("name,field,value", [("meta-llama/Llama-2-7b-hf", "sliding_window", 16),
+                                              ("meta-llama/Llama-2-7b-hf", "partial_rotary_factor", 0.5),
+                                              ("deepseek-ai/DeepSeek-V2-Lite", "norm_topk_prob", True)])
+def test_fields_the_modeling_code_does_not_read(name, field, value, tmp_path):
+    """Llama's modeling code reads neither of the first two (whole-sequence attention, rope on every dimension),
+    DeepSeek-V2's router never renormalises its top-k: converted as transformers runs them, with a warning that
+    names the field."""
     from converter.derive import derive
 
-    hf = make_model({**tiny_config("meta-llama/Llama-2-7b-hf"), field: value}, tmp_path / "hf")
-    assert any(w.startswith(f"{field}={value}: LlamaForCausalLM's modeling code") for w in derive(hf).warnings)
+    hf = make_model({**tiny_config(name), field: value}, tmp_path / "hf")
+    spec = derive(hf)
+    assert any(w.startswith(f"{field}={value}: {spec.architecture}'s modeling code") for w in spec.warnings)
     r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
     assert r["ok"], r
 

@@ -137,6 +137,15 @@ def test_refusals_name_the_feature(name, feature):
         derive(CONFIGS / name)
 
 
+def test_mla_with_rope_interleave_off_is_refused():
+    """DeepSeek-V3's modeling code rotates halves instead of interleaved pairs with rope_interleave=false; megatron-core's
+    MLA always rotates the pairs: refused by name, not converted wrong."""
+    cfg = json.loads((CONFIGS / "deepseek-ai/DeepSeek-V3/config.json").read_text())
+    with pytest.raises(ConversionError, match="rope_interleave=false"):
+        derive({**cfg, "rope_interleave": False})
+    assert derive(cfg).mla is not None  # (true, its default, converts)
+
+
 def test_nemotron_h_traits():
     """Nemotron-H-56B: the layer pattern as megatron-core's symbols, Mamba-2 sizes, squared-ReLU MLPs, attention
     without position embedding, pretrain_hybrid.py's --spec; what megatron-core's mixer cannot follow is said."""

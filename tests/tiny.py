@@ -25,6 +25,8 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
              "Qwen/Qwen3-8B#yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                      "original_max_position_embeddings": 64},
                                     "max_position_embeddings": 256},
+             # the latent norms' eps (transformers fixes 1e-6) apart from the other norms'
+             "deepseek-ai/DeepSeek-V3#eps": {"rms_norm_eps": 1e-5},
              "openai/gpt-oss-20b#short-context": {"rope_scaling": {
                  "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 64}},
