@@ -138,8 +138,8 @@ def test_refusals_name_the_feature(name, feature):
 
 
 def test_mla_with_rope_interleave_off_is_refused():
-    """DeepSeek-V3's modeling code rotates halves instead of interleaved pairs with rope_interleave=false; megatron-core's
-    MLA always rotates the pairs: refused by name, not converted wrong."""
+    """DeepSeek-V3's modeling code rotates halves instead of interleaved pairs with rope_interleave=false;
+    megatron-core's MLA always rotates the pairs: refused by name, not converted wrong."""
     cfg = json.loads((CONFIGS / "deepseek-ai/DeepSeek-V3/config.json").read_text())
     with pytest.raises(ConversionError, match="rope_interleave=false"):
         derive({**cfg, "rope_interleave": False})
