@@ -247,7 +247,11 @@ class _Deriver:
             layer_pattern=pattern, mamba=self._mamba() if pattern and "M" in pattern else None,
             gdn=self._gdn() if pattern and "G" in pattern else None,
         )
-        fields.update({k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__})
+        fixed = {k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__}
+        for k, v in fixed.items():  # a config field the modeling code overrules (Nemotron-H never ties its head)
+            if self.cfg.get(k) not in (None, v):
+                self._unread(k, self.cfg[k], f"it keeps {k}={v}")
+        fields.update(fixed)
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
 
     def _qwen3_next_pattern(self) -> str:
@@ -373,7 +377,7 @@ class _Deriver:
         if not window or not self.get("use_sliding_window", True):
             return {}
         if not self.implied.get("reads_sliding_window"):
-            self._unread("sliding_window", window, "attends over the whole sequence")
+            self._unread("sliding_window", window, "it attends over the whole sequence")
             return {}
         types = self.get("layer_types", kind=list) or self._computed_layer_types()
         if not types:
@@ -386,8 +390,8 @@ class _Deriver:
     def _unread(self, field: str, value: Any, instead: str) -> None:
         """A field the architecture's modeling code in transformers never reads (the family does not say it
         reads it): converted as HF runs the model, and said."""
-        self.warnings.append(f"{field}={value}: {self.arch}'s modeling code in transformers does not read it (it "
-                             f"{instead}); converted as transformers runs it, without")
+        self.warnings.append(f"{field}={value}: {self.arch}'s modeling code in transformers does not read it "
+                             f"({instead}): converted as transformers runs the model")
 
     def _computed_layer_types(self) -> list | None:
         """The layer_types transformers' config class computes where config.json has none: with max_window_layers,
@@ -415,7 +419,7 @@ class _Deriver:
         kind = _typed(params, "rope_type", str) or _typed(params, "type", str) or "default"
         percent = num("partial_rotary_factor", self.number("partial_rotary_factor", 1.0))
         if percent != 1.0 and kind == "default" and not self.implied.get("reads_partial_rotary"):
-            self._unread("partial_rotary_factor", percent, "rotates every dimension of a head")
+            self._unread("partial_rotary_factor", percent, "it rotates every dimension of a head")
             percent = 1.0
         if percent != 1.0 and kind != "default":
             self.refuse(f"partial_rotary_factor={percent} with {kind} rope scaling")
@@ -475,8 +479,8 @@ class _Deriver:
             self.refuse(f"scoring_func={score!r}")
         norm = bool(self.implied.get("norm_topk_prob", self.get("norm_topk_prob", False, kind=bool)))
         if "norm_topk_prob" in self.implied and self.cfg.get("norm_topk_prob") not in (None, norm):
-            self._unread("norm_topk_prob", self.cfg["norm_topk_prob"], f"{'' if norm else 'never '}renormalises "
-                         "the top-k weights")
+            self._unread("norm_topk_prob", self.cfg["norm_topk_prob"], f"it {'always' if norm else 'never'} "
+                         "renormalises the top-k weights")
         if score == "sigmoid" and not norm and topk > 1:
             self.refuse("scoring_func='sigmoid' with norm_topk_prob=false (megatron-core renormalises sigmoid top-k)")
         method = self.get("topk_method", "greedy", kind=str)

@@ -12,6 +12,8 @@ FAMILY = Family(
     # the modeling code fixes: MLPs and experts are not gated, no rotary embedding, sigmoid routing in groups with
     # the score-correction bias
     architectures={"NemotronHForCausalLM": {"hybrid": "nemotron_h", "mlp": "plain", "position_embedding": "none",
+                                            # (its modeling code ties no weights: lm_head stays its own)
+                                            "tie_word_embeddings": False,
                                             "scoring_func": "sigmoid", "topk_method": "noaux_tc"}},
     rules=(
         rule("embedding.word_embeddings.weight", "backbone.embeddings.weight"),

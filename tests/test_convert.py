@@ -57,11 +57,12 @@ def test_yarn_attention_factor_as_hf_computes_it(scaling, tmp_path):
 
 @pytest.mark.parametrize("name,field,value", [("meta-llama/Llama-2-7b-hf", "sliding_window", 16),
                                               ("meta-llama/Llama-2-7b-hf", "partial_rotary_factor", 0.5),
-                                              ("deepseek-ai/DeepSeek-V2-Lite", "norm_topk_prob", True)])
+                                              ("deepseek-ai/DeepSeek-V2-Lite", "norm_topk_prob", True),
+                                              ("nvidia/Nemotron-H-56B-Base-8K", "tie_word_embeddings", True)])
 def test_fields_the_modeling_code_does_not_read(name, field, value, tmp_path):
     """Llama's modeling code reads neither of the first two (whole-sequence attention, rope on every dimension),
-    DeepSeek-V2's router never renormalises its top-k: converted as transformers runs them, with a warning that
-    names the field."""
+    DeepSeek-V2's router never renormalises its top-k, Nemotron-H ties no weights (its lm_head, saved, was dropped):
+    converted as transformers runs them, with a warning that names the field."""
     from converter.derive import derive
 
     hf = make_model({**tiny_config(name), field: value}, tmp_path / "hf")
