@@ -74,9 +74,10 @@ def derive(path: str | Path | dict, family: str | None = None) -> ModelSpec:
         raise ConversionError(f"{arch}: not supported: {fam.refuse}")
     # Multimodal wrappers keep the language model's fields in text_config.
     text = {**raw, **(_typed(raw, "text_config", dict) or {})}
-    cfg = {**_hf_defaults(_typed(text, "model_type", str)), **text}
+    defaults = _hf_defaults(_typed(text, "model_type", str))
+    cfg = {**defaults, **text}
     try:
-        spec = _Deriver(cfg, arch or fam.name, fam).spec()
+        spec = _Deriver(cfg, arch or fam.name, fam, frozenset(defaults)).spec()
     except (TypeError, ValueError, AttributeError) as exc:  # a field of a type no check above foresaw
         raise ConversionError(f"config.json has a field of an unexpected type or value: {exc}") from exc
     spec = spec.replace(hf_config=raw)
@@ -161,17 +162,20 @@ def _defaults_from_transformers(model_type: str | None) -> dict:
 
 
 class _Deriver:
-    def __init__(self, cfg: dict, arch: str, fam: mappings.base.Family):
+    def __init__(self, cfg: dict, arch: str, fam: mappings.base.Family, declared: frozenset = frozenset()):
         self.cfg, self.arch, self.fam = cfg, arch, fam
+        self.declared = declared  # fields transformers' config class has (of DEFAULTED)
         self.implied = fam.architectures.get(arch, {})
         self.warnings: list[str] = []
 
     def get(self, key: str, default: Any = None, required: bool = False, kind: type | tuple | None = None) -> Any:
-        """The first alias the config sets, else what the architecture implies, else default; `kind`: the
-        type the field must have (refused by name otherwise)."""
-        for name in ALIASES.get(key, (key,)):
-            if self.cfg.get(name) is not None:
-                return self.cfg[name] if kind is None else _typed(self.cfg, name, kind)
+        """The first alias the config sets (the one transformers' config class has, where the config sets another
+        too: Nemotron-H reads layer_norm_epsilon, not a stray rms_norm_eps), else what the architecture implies,
+        else default; `kind`: the type the field must have (refused by name otherwise)."""
+        names = [n for n in ALIASES.get(key, (key,)) if self.cfg.get(n) is not None]
+        if names:
+            name = next((n for n in names if n in self.declared), names[0])
+            return self.cfg[name] if kind is None else _typed(self.cfg, name, kind)
         for name in ALIASES.get(key, (key,)):  # what the architecture's modeling code fixes
             if name in self.implied:
                 return self.implied[name]
@@ -329,10 +333,6 @@ class _Deriver:
         if self.get("moe_latent_size") is not None:
             self.refuse("moe_latent_size (Nemotron 3 Super/Ultra: megatron-core 0.19 builds the latent MoE projections "
                         "only from Transformer Engine modules)")
-        eps = self.number("norm_epsilon", 1e-5)
-        if eps != 1e-5:
-            self.warnings.append(f"layer_norm_epsilon={eps}: megatron-core's gated norm inside the Mamba mixer uses "
-                                 "1e-5 whatever --norm-epsilon says")
         floor = self.number("time_step_min", 0.001)
         self.warnings.append(f"time_step_min={floor}: transformers' Mamba-2 mixer keeps each step size dt at or above "
                              "it, megatron-core's (like the release's own modeling code, time_step_limit) only above "

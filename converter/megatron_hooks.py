@@ -114,12 +114,21 @@ def hybrid_spec():
     from megatron.core.transformer.transformer_layer import (MoETransformerLayer, TransformerLayer,
                                                              TransformerLayerSubmodules)
 
+    class LocalMambaMixer(MambaMixer):
+        """megatron-core's Mamba mixer with its gated norm at --norm-epsilon, as transformers' mixer reads
+        layer_norm_epsilon (megatron-core fixes 1e-5 there)."""
+
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            if self.rmsnorm:
+                self.norm.eps = config.layernorm_epsilon
+
     dense = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
     # megatron-core's MoE spec for any expert count (as its TE hybrid spec builds it), local experts
     moe = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm").submodules
     self_attention = copy.deepcopy(dense.self_attention)
     self_attention.submodules.q_layernorm = self_attention.submodules.k_layernorm = Norm  # (LocalHybridStack)
-    mixer = ModuleSpec(module=MambaMixer,
+    mixer = ModuleSpec(module=LocalMambaMixer,
                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
     mamba = MambaLayerSubmodules(norm=Norm, mixer=mixer, mamba_bda=dense.self_attn_bda,
                                  sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})

@@ -91,7 +91,7 @@ class MLASpec:
 
 @dataclass(frozen=True)
 class MambaSpec:
-    """Mamba-2 mixer sizes (megatron-core's MambaMixer; d_conv 4 and the gated norm's eps 1e-5 are fixed there)."""
+    """Mamba-2 mixer sizes (megatron-core's MambaMixer; d_conv 4 is fixed there)."""
     state_dim: int
     head_dim: int
     num_groups: int

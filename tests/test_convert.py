@@ -72,6 +72,16 @@ def test_fields_the_modeling_code_does_not_read(name, field, value, tmp_path):
     assert r["ok"], r
 
 
+@pytest.mark.parametrize("change", [{"layer_norm_epsilon": 1e-3}, {"rms_norm_eps": 1e-3}])
+def test_nemotron_h_norm_epsilon(change, tmp_path):
+    """Nemotron-H reads layer_norm_epsilon everywhere, the Mamba mixer's gated norm included (megatron-core's fixes
+    1e-5: the hook's mixer takes --norm-epsilon), and ignores a stray rms_norm_eps (derive takes the field
+    transformers' config class has)."""
+    hf = make_model({**tiny_config("nvidia/Nemotron-H-56B-Base-8K"), **change}, tmp_path / "hf")
+    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
+    assert r["ok"], r
+
+
 def test_sliding_window_from_max_window_layers(tmp_path):
     """A Qwen2 config as published has no layer_types: with use_sliding_window, transformers slides only the layers
     from max_window_layers on (here the second of two), beyond a window shorter than verify's text."""
