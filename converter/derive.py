@@ -251,11 +251,7 @@ class _Deriver:
             layer_pattern=pattern, mamba=self._mamba() if pattern and "M" in pattern else None,
             gdn=self._gdn() if pattern and "G" in pattern else None,
         )
-        fixed = {k: v for k, v in self.implied.items() if k in ModelSpec.__dataclass_fields__}
-        for k, v in fixed.items():  # a config field the modeling code overrules (Nemotron-H never ties its head)
-            if self.cfg.get(k) not in (None, v):
-                self._unread(k, self.cfg[k], f"it keeps {k}={v}")
-        fields.update(fixed)
+        fields.update({k: self._overruled(k) for k in self.implied if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
 
     def _qwen3_next_pattern(self) -> str:
@@ -387,6 +383,14 @@ class _Deriver:
             self.refuse(f"layer_types {odd}")
         return {"window": window, "window_layers": tuple(int(t == "sliding_attention") for t in types)}
 
+    def _overruled(self, field: str) -> Any:
+        """The value the architecture's modeling code fixes for a config field (Nemotron-H never ties its head),
+        said where the config says otherwise."""
+        fixed = self.implied[field]
+        if self.cfg.get(field) not in (None, fixed):
+            self._unread(field, self.cfg[field], f"it keeps {field}={fixed}")
+        return fixed
+
     def _unread(self, field: str, value: Any, instead: str) -> None:
         """A field the architecture's modeling code in transformers never reads (the family does not say it
         reads it): converted as HF runs the model, and said."""
@@ -447,14 +451,13 @@ class _Deriver:
         g(f, m) = 0.1 m ln f + 1; HF by `attention_factor` if given, by that ratio only where mscale and
         mscale_all_dim are both set (DeepSeek's), else by g(factor, 1). The mscale that gives HF's factor (MLA's
         softmax scale takes mscale_all_dim alone, in both)."""
-        given = params.get("attention_factor")
-        mscale = _typed(params, "mscale", (int, float))
+        given, mscale = _typed(params, "attention_factor", (int, float)), _typed(params, "mscale", (int, float))
         if given is None and mscale and mscale_all_dim:
             return float(mscale)
         if given is None and not mscale_all_dim:
             return 1.0
         if given is not None:
-            target = float(_typed(params, "attention_factor", (int, float)))
+            target = float(given)
         else:
             target = 1 + 0.1 * math.log(factor) if factor > 1 else 1.0
         if factor <= 1:  # g is 1 whatever mscale is
@@ -477,10 +480,8 @@ class _Deriver:
         score = self.get("scoring_func", "softmax", kind=str)
         if score not in ("softmax", "sigmoid"):
             self.refuse(f"scoring_func={score!r}")
-        norm = bool(self.implied.get("norm_topk_prob", self.get("norm_topk_prob", False, kind=bool)))
-        if "norm_topk_prob" in self.implied and self.cfg.get("norm_topk_prob") not in (None, norm):
-            self._unread("norm_topk_prob", self.cfg["norm_topk_prob"], f"it {'always' if norm else 'never'} "
-                         "renormalises the top-k weights")
+        norm = bool(self._overruled("norm_topk_prob") if "norm_topk_prob" in self.implied else
+                    self.get("norm_topk_prob", False, kind=bool))
         if score == "sigmoid" and not norm and topk > 1:
             self.refuse("scoring_func='sigmoid' with norm_topk_prob=false (megatron-core renormalises sigmoid top-k)")
         method = self.get("topk_method", "greedy", kind=str)

@@ -31,7 +31,7 @@ FAMILY_CONFIGS = [
     "microsoft/Phi-3-mini-4k-instruct",  # fused qkv and gate_up
     "mistralai/Mixtral-8x7B-v0.1",  # MoE
     "Qwen/Qwen3-30B-A3B",  # MoE + qk norm
-    "transformers:qwen2_moe:Qwen2MoeForCausalLM",  # Qwen1.5-MoE / Qwen2-MoE: qkv bias, shared expert with its sigmoid gate
+    "transformers:qwen2_moe:Qwen2MoeForCausalLM",  # Qwen1.5/2-MoE: qkv bias, shared expert with its sigmoid gate
     "deepseek-ai/DeepSeek-V2-Lite",  # MLA without q compression, dense-first layers, shared experts, yarn
     "deepseek-ai/DeepSeek-V3",  # MLA, grouped sigmoid routing with expert bias and routed scaling
     "transformers:glm4_moe:Glm4MoeForCausalLM",  # GLM-4.5: partial rotary, qkv-only bias, sigmoid MoE, shared expert

@@ -50,9 +50,7 @@ def test_yarn_attention_factor_as_hf_computes_it(scaling, tmp_path):
     are set, else by g(1); megatron-core always by that ratio: the written --mscale gives it HF's factor."""
     cfg = tiny_config("Qwen/Qwen3-8B#yarn")
     cfg["rope_scaling"] = {**cfg["rope_scaling"], **scaling}
-    hf = make_model(cfg, tmp_path / "hf")
-    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
-    assert r["ok"], r
+    _assert_verifies(make_model(cfg, tmp_path / "hf"), tmp_path)
 
 
 @pytest.mark.parametrize("name,field,value", [("meta-llama/Llama-2-7b-hf", "sliding_window", 16),
@@ -68,8 +66,7 @@ def test_fields_the_modeling_code_does_not_read(name, field, value, tmp_path):
     hf = make_model({**tiny_config(name), field: value}, tmp_path / "hf")
     spec = derive(hf)
     assert any(w.startswith(f"{field}={value}: {spec.architecture}'s modeling code") for w in spec.warnings)
-    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
-    assert r["ok"], r
+    _assert_verifies(hf, tmp_path)
 
 
 @pytest.mark.parametrize("change", [{"layer_norm_epsilon": 1e-3}, {"rms_norm_eps": 1e-3}])
@@ -77,9 +74,7 @@ def test_nemotron_h_norm_epsilon(change, tmp_path):
     """Nemotron-H reads layer_norm_epsilon everywhere, the Mamba mixer's gated norm included (megatron-core's fixes
     1e-5: the hook's mixer takes --norm-epsilon), and ignores a stray rms_norm_eps (derive takes the field
     transformers' config class has)."""
-    hf = make_model({**tiny_config("nvidia/Nemotron-H-56B-Base-8K"), **change}, tmp_path / "hf")
-    r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
-    assert r["ok"], r
+    _assert_verifies(make_model({**tiny_config("nvidia/Nemotron-H-56B-Base-8K"), **change}, tmp_path / "hf"), tmp_path)
 
 
 def test_sliding_window_from_max_window_layers(tmp_path):
@@ -90,6 +85,11 @@ def test_sliding_window_from_max_window_layers(tmp_path):
     written = json.loads((hf / "config.json").read_text())
     assert written.pop("layer_types") == ["full_attention", "sliding_attention"]
     (hf / "config.json").write_text(json.dumps(written))
+    _assert_verifies(hf, tmp_path)
+
+
+def _assert_verifies(hf, tmp_path):
+    """Converted at fp32 as written (no --exact), the model Megatron-LM builds from it computes HF's logits."""
     r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
     assert r["ok"], r
 
