@@ -46,6 +46,15 @@ BOUNDS = {"num_layers": 4096, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 20
           "topk": 1 << 16, "moe_ffn": 1 << 20, "max_position_embeddings": 1 << 32}
 
 
+# transformers (5) saves a float JSON cannot hold as {"__float__": "Infinity"} (Nemotron-H's time_step_limit)
+TAGGED_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _tagged_float(obj: dict) -> Any:
+    tag = obj.get("__float__") if len(obj) == 1 else None
+    return TAGGED_FLOATS[tag] if isinstance(tag, str) and tag in TAGGED_FLOATS else obj
+
+
 def read_config(path: str | Path) -> dict:
     """The raw config dict from a checkpoint directory or a config.json path."""
     p = Path(path)
@@ -53,7 +62,7 @@ def read_config(path: str | Path) -> dict:
     if not cfg_path.is_file():
         raise ConversionError(f"no config.json at {cfg_path}")
     try:
-        raw = json.loads(cfg_path.read_text())
+        raw = json.loads(cfg_path.read_text(), object_hook=_tagged_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConversionError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
@@ -248,7 +257,7 @@ class _Deriver:
             tie_word_embeddings=self.get("tie_word_embeddings", False, kind=bool),
             rope=self._rope(), moe=self._moe(num_layers, pattern), mla=self._mla(),
             **({} if hybrid else self._window()), nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(),
-            layer_pattern=pattern, mamba=self._mamba() if pattern and "M" in pattern else None,
+            layer_pattern=pattern, mamba=self._mamba(pattern) if pattern and "M" in pattern else None,
             gdn=self._gdn() if pattern and "G" in pattern else None,
         )
         fields.update({k: self._overruled(k) for k in self.implied if k in ModelSpec.__dataclass_fields__})
@@ -309,7 +318,7 @@ class _Deriver:
             self.refuse("multi-token-prediction layers of a hybrid model (mtp_hybrid_override_pattern)")
         return pattern
 
-    def _mamba(self) -> MambaSpec:
+    def _mamba(self, pattern: str) -> MambaSpec:
         """Mamba-2 sizes; what megatron-core's MambaMixer fixes is refused or, where only numerics differ, said."""
         g = self.int_field
         m = MambaSpec(state_dim=g("ssm_state_size", required=True), head_dim=g("mamba_head_dim", required=True),
@@ -329,12 +338,34 @@ class _Deriver:
         if self.get("moe_latent_size") is not None:
             self.refuse("moe_latent_size (Nemotron 3 Super/Ultra: megatron-core 0.19 builds the latent MoE projections "
                         "only from Transformer Engine modules)")
-        floor = self.number("time_step_min", 0.001)
-        self.warnings.append(f"time_step_min={floor}: transformers' Mamba-2 mixer keeps each step size dt at or above "
-                             "it, megatron-core's (like the release's own modeling code, time_step_limit) only above "
-                             "0; equal while dt stays above it (measured 9e-7), 4e-3 rel. err. where dt_bias puts it "
-                             "below (a tiny Nemotron-H with dt_bias -7)")
+        lo, hi = self._hf_dt_limit(pattern.index("M"))
+        if (lo, hi) != (0.0, math.inf):
+            self.warnings.append(f"time_step_limit: transformers' Mamba-2 mixer keeps each step size dt within "
+                                 f"[{lo}, {hi}], megatron-core's (no flag) only above 0; equal while dt stays "
+                                 "inside (measured 9e-7), 4e-3 rel. err. where dt_bias puts it below a floor of "
+                                 "1e-3 (a tiny Nemotron-H with dt_bias -7)")
         return m
+
+    def _hf_dt_limit(self, layer: int) -> tuple[float, float]:
+        """The range transformers' Mamba-2 mixer clamps dt to, asked of the mixer (built on the meta device): up
+        to transformers 5.24 [time_step_min, inf], from 5.25 the config's time_step_limit, as the release's own
+        modeling code. The latter where transformers cannot build it."""
+        limit = self.get("time_step_limit", [0.0, math.inf], kind=list)
+        try:
+            import importlib
+
+            import torch
+            from transformers import AutoConfig
+
+            config = AutoConfig.for_model(**self.cfg)
+            modeling = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+            with torch.device("meta"):
+                limit = getattr(modeling, self.implied["mamba_mixer"])(config, layer_idx=layer).time_step_limit
+        except Exception:  # (a transformers without the class, or refusing the config: it cannot run the model)
+            pass
+        if len(limit) != 2 or not all(isinstance(v, (int, float)) for v in limit):
+            raise ConversionError(f"config field time_step_limit={limit!r:.60} must be two numbers")
+        return float(limit[0]), float(limit[1])
 
     def _mtp(self) -> int:
         """Multi-token-prediction layers (DeepSeek-V3, GLM-4.5: stored after the last decoder layer)."""

@@ -14,6 +14,7 @@ FAMILY = Family(
     architectures={"NemotronHForCausalLM": {"hybrid": "nemotron_h", "mlp": "plain", "position_embedding": "none",
                                             # (its modeling code ties no weights: lm_head stays its own)
                                             "tie_word_embeddings": False,
+                                            "mamba_mixer": "NemotronHMamba2Mixer",  # (its dt range: derive)
                                             "scoring_func": "sigmoid", "topk_method": "noaux_tc"}},
     rules=(
         rule("embedding.word_embeddings.weight", "backbone.embeddings.weight"),

