@@ -3,6 +3,7 @@ remote-code configs), fills what a field leaves out from transformers' own defau
 refuses, by field name, what megatron-core cannot express."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -352,12 +353,9 @@ class _Deriver:
         modeling code. The latter where transformers cannot build it."""
         limit = self.get("time_step_limit", [0.0, math.inf], kind=list)
         try:
-            import importlib
-
             import torch
-            from transformers import AutoConfig
 
-            config = AutoConfig.for_model(**self.cfg)
+            config = self._hf_config()
             modeling = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
             with torch.device("meta"):
                 limit = getattr(modeling, self.implied["mamba_mixer"])(config, layer_idx=layer).time_step_limit
@@ -412,7 +410,8 @@ class _Deriver:
         odd = sorted(set(types) - {"sliding_attention", "full_attention"})
         if odd:
             self.refuse(f"layer_types {odd}")
-        return {"window": window, "window_layers": tuple(int(t == "sliding_attention") for t in types)}
+        layers = tuple(int(t == "sliding_attention") for t in types)
+        return {"window": window, "window_layers": layers} if any(layers) else {}  # (no layer slides: none)
 
     def _overruled(self, field: str) -> Any:
         """The value the architecture's modeling code fixes for a config field (Nemotron-H never ties its head),
@@ -428,17 +427,22 @@ class _Deriver:
         self.warnings.append(f"{field}={value}: {self.arch}'s modeling code in transformers does not read it "
                              f"({instead}): converted as transformers runs the model")
 
-    def _computed_layer_types(self) -> list | None:
-        """The layer_types transformers' config class computes where config.json has none: with max_window_layers,
-        only some layers slide, by a rule of each class's own (Qwen2's: from that layer on; Qwen2-MoE's: every
-        other layer below it). None where no such field says so: every layer slides."""
-        if self.get("max_window_layers") is None:
-            return None
-        try:
-            from transformers import AutoConfig
+    def _hf_config(self):
+        """transformers' config object for this config.json: its class computes what the file leaves out. Imports
+        transformers (about 1.5 s): only for a windowed config without layer_types, and for Mamba layers."""
+        from transformers import AutoConfig
 
-            types = AutoConfig.for_model(**self.cfg).layer_types
+        return AutoConfig.for_model(**self.cfg)
+
+    def _computed_layer_types(self) -> list | None:
+        """The layer_types transformers' config class computes where config.json has none, by a rule of each class's
+        own (Qwen2's: the layers from max_window_layers, or its default, on; Qwen2-MoE's: every other layer below
+        it; gpt-oss: every other layer). None where the class computes none: every layer slides."""
+        try:
+            types = getattr(self._hf_config(), "layer_types", None)
         except Exception as e:  # (a model type transformers does not know)
+            if self.get("max_window_layers") is None:
+                return None
             self.refuse(f"max_window_layers={self.get('max_window_layers')} without layer_types: transformers "
                         f"cannot tell which layers use the sliding window ({type(e).__name__}: {e})"[:300])
         return list(types) if types else None

@@ -78,14 +78,18 @@ def test_nemotron_h_norm_epsilon(change, tmp_path):
     _assert_verifies(make_model({**tiny_config("nvidia/Nemotron-H-56B-Base-8K"), **change}, tmp_path / "hf"), tmp_path)
 
 
-def test_sliding_window_from_max_window_layers(tmp_path):
-    """A Qwen2 config as published has no layer_types: with use_sliding_window, transformers slides only the layers
-    from max_window_layers on (here the second of two), beyond a window shorter than verify's text."""
-    cfg = {**tiny_config("Qwen/Qwen2.5-7B"), "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}
-    hf = make_model(cfg, tmp_path / "hf")
+@pytest.mark.parametrize("name, change", [("Qwen/Qwen2.5-7B", {"max_window_layers": 1}),  # the second of two
+                                          ("Qwen/Qwen2.5-7B", {"max_window_layers": None}),  # (28: none)
+                                          ("openai/gpt-oss-20b", {})])  # every other layer
+def test_sliding_window_without_layer_types(name, change, tmp_path):
+    """Configs as published carry no layer_types: with a sliding window, transformers' config class says which
+    layers slide (Qwen2: from max_window_layers, or its default, on; gpt-oss: every other one), beyond a window
+    shorter than verify's text."""
+    cfg = {**tiny_config(name), "use_sliding_window": True, "sliding_window": 16, **change}
+    hf = make_model({k: v for k, v in cfg.items() if v is not None}, tmp_path / "hf")
     written = json.loads((hf / "config.json").read_text())
-    assert written.pop("layer_types") == ["full_attention", "sliding_attention"]
-    (hf / "config.json").write_text(json.dumps(written))
+    del written["layer_types"]
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in written.items() if change.get(k, 0) is not None}))
     _assert_verifies(hf, tmp_path)
 
 
