@@ -251,7 +251,7 @@ class _Deriver:
             ffn_hidden_size=g("ffn_hidden_size", required=True), num_attention_heads=heads,
             num_query_groups=groups, kv_channels=head_dim, vocab_size=g("vocab_size", required=True),
             max_position_embeddings=g("max_position_embeddings", 4096),
-            norm_epsilon=self.number("norm_epsilon", 1e-6),
+            norm_epsilon=self.number("norm_epsilon", 1e-6), **self._dropout(),
             activation=self.implied.get("glu") or (PLAIN_ACTIVATIONS if plain else GATED_ACTIVATIONS)[act],
             glu_clamp=self.get("swiglu_limit", kind=(int, float)),
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
@@ -346,6 +346,19 @@ class _Deriver:
                                  "inside (measured 9e-7), 4e-3 rel. err. where dt_bias puts it below a floor of "
                                  "1e-3 (a tiny Nemotron-H with dt_bias -7)")
         return m
+
+    def _dropout(self) -> dict:
+        """Training only: attention_dropout, as HF's attention reads it; residual dropout where the modeling code
+        has one (Phi-3's resid_pdrop; the other families have none)."""
+        p = {"attention_dropout": self.number("attention_dropout", 0.0),
+             "hidden_dropout": self.number("resid_pdrop", 0.0) if self.implied.get("reads_resid_pdrop") else 0.0}
+        for f, v in p.items():
+            if not 0 <= v < 1:
+                raise ConversionError(f"config field {f}={v} must be at least 0 and below 1")
+        if p["hidden_dropout"]:
+            self.warnings.append(f"resid_pdrop={p['hidden_dropout']}: megatron-core also drops out the embeddings at "
+                                 f"--hidden-dropout, {self.arch} does not (in training only)")
+        return p
 
     def _hf_dt_limit(self, layer: int) -> tuple[float, float]:
         """The range transformers' Mamba-2 mixer clamps dt to, asked of the mixer (built on the meta device): up

@@ -61,6 +61,8 @@ TABLE: tuple[Field, ...] = (
     F("--qk-layernorm", "qk_layernorm", "true", False),
     F("--attention-output-gate", "attention_output_gate", "true", False),
     F("--attention-softmax-in-fp32", "attention_softmax_in_fp32", "true", False),
+    F("--attention-dropout", "attention_dropout", "float", 0.1, hf="attention_dropout"),
+    F("--hidden-dropout", "hidden_dropout", "float", 0.1),
     F("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", "true", False),
     F("--position-embedding-type", "position_embedding_type", "str", "learned_absolute"),
     F("--rotary-base", "rotary_base", "int", 10000),

@@ -143,6 +143,10 @@ class ModelSpec:
     hf_layer_span: int = 1  # Megatron layers per HF layer (Qwen3-Next: a mixer layer, then an MLP or MoE layer)
     attention_output_gate: bool = False  # sigmoid gate on the attention output, from a doubled q_proj (Qwen3-Next)
     zero_centered_norm: bool = False  # norms scale by 1 + weight (Qwen3-Next; --apply-layernorm-1p)
+    # training only: HF's attention_dropout, and the residual dropout its modeling code applies (Megatron-LM's
+    # defaults are 0.1 for both; its --use-checkpoint-args takes them from the checkpoint)
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
     warnings: tuple[str, ...] = ()
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -182,7 +186,8 @@ class ModelSpec:
             a["no_rope_freq"] = list(self.nope_layers)
         a.update(qk_l2_norm=self.qk_l2_norm, add_bias_linear=self.add_bias_linear, add_qkv_bias=self.add_qkv_bias,
                  qk_layernorm=self.qk_layernorm, untie_embeddings_and_output_weights=not self.tie_word_embeddings,
-                 attention_softmax_in_fp32=True)  # as HF's attention computes its softmax
+                 attention_softmax_in_fp32=True,  # as HF's attention computes its softmax
+                 attention_dropout=self.attention_dropout, hidden_dropout=self.hidden_dropout)
         r = self.rope
         if r.kind == "none":
             a["position_embedding_type"] = "none"

@@ -37,7 +37,8 @@ def _compile(pattern: str) -> re.Pattern:
 class Family:
     name: str
     # HF architecture class -> spec fields its modeling code implies (fields the config does not carry), and what
-    # derive asks that code (reads_sliding_window, reads_partial_rotary: fields it reads; mamba_mixer: its class)
+    # derive asks that code (reads_sliding_window, reads_partial_rotary, reads_resid_pdrop: fields it reads;
+    # mamba_mixer: its Mamba-2 mixer class)
     architectures: dict[str, dict]
     rules: tuple[Rule, ...] = ()
     # HF tensors that are not model weights (regexes)

@@ -6,7 +6,8 @@ from .base import Family, L, embeddings, pre_mlp_norm, rule
 A = "model.layers.{i}."
 FAMILY = Family(
     name="phi3",
-    architectures={"Phi3ForCausalLM": {"reads_sliding_window": True, "reads_partial_rotary": True}},
+    architectures={"Phi3ForCausalLM": {"reads_sliding_window": True, "reads_partial_rotary": True,
+                                       "reads_resid_pdrop": True}},
     rules=(
         *embeddings(), *pre_mlp_norm(),
         rule(L + "input_layernorm.weight", A + "input_layernorm.weight"),

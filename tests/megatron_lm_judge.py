@@ -123,7 +123,7 @@ def run(job: dict, argv: list[str]) -> dict:
                 "--no-load-rng", "--dist-ckpt-strictness", "raise_all", "--micro-batch-size", "1",
                 "--tokenizer-type", "NullTokenizer", "--vocab-size", "8", "--no-gradient-accumulation-fusion",
                 "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-                "--no-bias-dropout-fusion", "--no-rope-fusion", "--attention-dropout", "0", "--hidden-dropout", "0",
+                "--no-bias-dropout-fusion", "--no-rope-fusion",
                 # hybrid: the unfused Mamba path, and Gated DeltaNet's PyTorch conv1d and delta rule (as hf2mcore's
                 # RUNTIME): the fused and fla paths need CUDA kernels
                 *(["--disable-mamba-mem-eff-path", "--deterministic-mode"] if "--hybrid-layer-pattern" in argv else []),
@@ -170,7 +170,8 @@ def run(job: dict, argv: list[str]) -> dict:
             hook.remove()
         logits = gather_from_tensor_model_parallel_region(logits)
     dist.barrier()
-    return {"logits": logits.cpu(), "mtp_logits": [m.cpu() for m in mtp], **checks}
+    return {"logits": logits.cpu(), "mtp_logits": [m.cpu() for m in mtp], **checks,
+            "dropout": (args.attention_dropout, args.hidden_dropout)}
 
 
 def _reset(path: list[str], scaling) -> None:

@@ -347,3 +347,19 @@ def test_hostile_layer_patterns_are_refused(pattern):
     """A layer pattern from a file is evaluated without eval, and never to more than 100,000 layers."""
     with pytest.raises(ConversionError):
         megatron_fields.parse_flags(["--moe-layer-freq", pattern])
+
+
+def test_dropout_as_the_modeling_code_applies_it():
+    """Megatron-LM's dropouts default to 0.1: megatron_args.sh writes HF's attention_dropout and the residual
+    dropout the modeling code has (Phi-3's resid_pdrop; Llama has none, whatever its config says)."""
+    def dropout(name, **change):
+        spec = derive({**real_config(name), **change})
+        ns = megatron_fields.parse_flags(megatron_fields.flags(spec.megatron_namespace()))
+        return ns["attention_dropout"], ns["hidden_dropout"], spec.warnings
+
+    assert dropout("meta-llama/Llama-3.1-8B")[:2] == (0.0, 0.0)
+    assert dropout("meta-llama/Llama-3.1-8B", attention_dropout=0.25, resid_pdrop=0.5)[:2] == (0.25, 0.0)
+    attn, hidden, warnings = dropout("microsoft/Phi-3-mini-4k-instruct", resid_pdrop=0.125)
+    assert (attn, hidden) == (0.0, 0.125) and any(w.startswith("resid_pdrop=0.125:") for w in warnings)
+    with pytest.raises(ConversionError, match="attention_dropout"):
+        derive({**real_config("meta-llama/Llama-3.1-8B"), "attention_dropout": 1.5})

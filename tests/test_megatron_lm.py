@@ -102,6 +102,12 @@ def assert_judged(r, ref, tol=1e-5):
     assert err < tol and top1 == 1.0, (err, top1)
 
 
+def assert_hf_dropout(r, hf_dir):
+    """Megatron-LM trains with the model's dropout (attention; Phi-3's residual), not its own defaults of 0.1."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert r["dropout"] == (cfg.get("attention_dropout", 0.0), cfg.get("resid_pdrop", 0.0)), r["dropout"]
+
+
 @contextlib.contextmanager
 def _recording(records):
     """Conversions inside record their layout in `records` (replay.py; the tests run with it off)."""
@@ -189,10 +195,11 @@ def test_megatron_lm_loads_and_matches_hf(name, tiny_models, verdicts, tmp_path)
     assert_bit_exact(hf, export(out, tmp_path / "back", progress=False))
     ref = hf_logits(hf, ids)
     gaps = [g for g in spec.gaps() if g.fix is not None]
-    if not gaps:
-        assert_judged(verdict(j), ref)
-        return
     r = verdict(j)
+    assert_hf_dropout(r, hf)
+    if not gaps:
+        assert_judged(r, ref)
+        return
     assert r["config_diff"] == {} and r["args_diff"] == {}, (r["config_diff"], r["args_diff"])
     err, _ = rel_err(r["logits"], ref)
     text = (out / "megatron_args.sh").read_text()
@@ -240,6 +247,7 @@ def test_use_checkpoint_args(name, tiny_models, verdicts):
     Megatron-LM's parsed values for the model to build, load and match."""
     (j, _, ids) = verdicts[name]["checkpoint_args"]
     assert_judged(verdict(j), hf_logits(tiny_models(name), ids))
+    assert_hf_dropout(verdict(j), tiny_models(name))
 
 
 @pytest.mark.parametrize("name", SAVED)
