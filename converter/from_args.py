@@ -49,6 +49,11 @@ def hf_config_from_args(ns: dict) -> dict:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(value(ns, "rope_scaling_factor")),
                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192}
+    if value(ns, "rotary_seq_len_interpolation_factor"):  # positions divided by the factor
+        if value(ns, "use_rope_scaling"):
+            raise ConversionError("--use-rope-scaling with --rotary-seq-len-interpolation-factor: no HF rope_scaling "
+                                  "has both; pass --like HF_DIR")
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(value(ns, "rotary_seq_len_interpolation_factor"))}
     if model_type == "qwen2":
         cfg["use_sliding_window"] = False
     if moe:

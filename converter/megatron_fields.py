@@ -68,6 +68,7 @@ TABLE: tuple[Field, ...] = (
     F("--rotary-base", "rotary_base", "int", 10000),
     F("--rotary-percent", "rotary_percent", "float", 1.0),
     F("--rotary-interleaved", "rotary_interleaved", "true", False),
+    F("--rotary-seq-len-interpolation-factor", "rotary_seq_len_interpolation_factor"),
     F("--use-rope-scaling", "use_rope_scaling", "true", False),
     F("--rope-scaling-factor", "rope_scaling_factor", "float", 8.0),
     F("--rope-type", "rope_type", "str"),
@@ -299,7 +300,8 @@ def gpt_model_kwargs(ns: dict) -> dict[str, Any]:
                 share_embeddings_and_output_weights=not value(ns, "untie_embeddings_and_output_weights"),
                 position_embedding_type=value(ns, "position_embedding_type"),
                 rotary_percent=value(ns, "rotary_percent"), rotary_base=value(ns, "rotary_base"),
-                rope_scaling=value(ns, "use_rope_scaling"), rope_scaling_factor=8.0)
+                rope_scaling=value(ns, "use_rope_scaling"), rope_scaling_factor=8.0,
+                seq_len_interpolation_factor=value(ns, "rotary_seq_len_interpolation_factor"))
 
 
 def hybrid_model_kwargs(ns: dict) -> dict[str, Any]:
@@ -308,7 +310,8 @@ def hybrid_model_kwargs(ns: dict) -> dict[str, Any]:
                 hybrid_layer_pattern=ns["hybrid_layer_pattern"],
                 share_embeddings_and_output_weights=not value(ns, "untie_embeddings_and_output_weights"),
                 position_embedding_type=value(ns, "position_embedding_type"),
-                rotary_percent=value(ns, "rotary_percent"), rotary_base=value(ns, "rotary_base"))
+                rotary_percent=value(ns, "rotary_percent"), rotary_base=value(ns, "rotary_base"),
+                seq_len_interpolation_factor=value(ns, "rotary_seq_len_interpolation_factor"))
 
 
 def params_dtype(ns: dict) -> torch.dtype:

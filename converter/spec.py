@@ -48,7 +48,7 @@ MEASURED = {
 
 @dataclass(frozen=True)
 class RopeSpec:
-    kind: str = "rope"  # rope | llama3 | yarn | none (no position embedding: Nemotron-H's attention)
+    kind: str = "rope"  # rope | linear | llama3 | yarn | none (no position embedding: Nemotron-H's attention)
     theta: float = 10000.0
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
@@ -194,6 +194,8 @@ class ModelSpec:
         else:
             a.update(position_embedding_type="yarn" if r.kind == "yarn" and self.mla is None else "rope",
                      rotary_base=int(r.theta), rotary_percent=r.percent, rotary_interleaved=r.interleaved)
+        if r.kind == "linear":
+            a["rotary_seq_len_interpolation_factor"] = int(r.factor)
         if r.kind == "llama3":
             a.update(use_rope_scaling=True, rope_scaling_factor=r.factor)
         if r.kind == "yarn":

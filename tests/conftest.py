@@ -22,6 +22,7 @@ from tiny import add_mtp, make_model, tiny_config  # noqa: E402
 FAMILY_CONFIGS = [
     "meta-llama/Llama-2-7b-hf",
     "meta-llama/Llama-2-7b-hf#biases",  # a bias on every linear layer (attention_bias and mlp_bias)
+    "meta-llama/Llama-2-7b-hf#linear",  # linear rope scaling: --rotary-seq-len-interpolation-factor
     "meta-llama/Llama-3.1-8B",  # llama3 rope scaling
     "meta-llama/Llama-3.2-1B",  # tied embeddings
     "mistralai/Mistral-7B-v0.1",

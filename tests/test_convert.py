@@ -335,7 +335,8 @@ def test_export_bad_input(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B", "Qwen/Qwen3-8B",
-                                  "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.2-1B"])
+                                  "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.2-1B",
+                                  "meta-llama/Llama-2-7b-hf#linear"])
 def test_export_without_like_from_megatron_lm_arguments(name, tiny_models, tmp_path):
     """A checkpoint as Megatron-LM training leaves it (common state with `args`, no HF config): the HF config is
     re-derived from the arguments, and the tensors and the derived Megatron settings come back the same."""

@@ -363,3 +363,15 @@ def test_dropout_as_the_modeling_code_applies_it():
     assert (attn, hidden) == (0.0, 0.125) and any(w.startswith("resid_pdrop=0.125:") for w in warnings)
     with pytest.raises(ConversionError, match="attention_dropout"):
         derive({**real_config("meta-llama/Llama-3.1-8B"), "attention_dropout": 1.5})
+
+
+def test_linear_rope_scaling():
+    """Position interpolation is Megatron-LM's --rotary-seq-len-interpolation-factor, a whole number: another factor,
+    or MLA (whose rope takes none), is refused by name (the logits: the tiny family Llama-2-7b-hf#linear)."""
+    linear = lambda f: {"rope_scaling": {"rope_type": "linear", "factor": f}}  # noqa: E731
+    spec = derive({**real_config("meta-llama/Llama-2-7b-hf"), **linear(4.0)})
+    assert "--rotary-seq-len-interpolation-factor 4" in " ".join(megatron_fields.flags(spec.megatron_namespace()))
+    with pytest.raises(ConversionError, match="whole number"):
+        derive({**real_config("meta-llama/Llama-2-7b-hf"), **linear(2.5)})
+    with pytest.raises(ConversionError, match="multi-latent"):
+        derive({**real_config("deepseek-ai/DeepSeek-V2-Lite"), **linear(2.0)})

@@ -21,6 +21,8 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
                                                                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                                   "original_max_position_embeddings": 4096}},
              "meta-llama/Llama-2-7b-hf#biases": {"attention_bias": True, "mlp_bias": True},
+             # position interpolation (deepseek-coder, Llama-2 long-context fine-tunes)
+             "meta-llama/Llama-2-7b-hf#linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
              # Qwen's long-context recipe (rope_scaling added to config.json), truncated as HF's yarn is by default
              "Qwen/Qwen3-8B#yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                      "original_max_position_embeddings": 64},
