@@ -492,6 +492,11 @@ class _Deriver:
                             truncate=params.get("truncate", True) is not False,
                             beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1),
                             mscale=self._yarn_mscale(params, factor, mscale_all_dim), mscale_all_dim=mscale_all_dim)
+        if kind == "dynamic":  # (HF's base at init, and at any length up to max_position_embeddings, is theta)
+            self.warnings.append(f"rope_scaling dynamic (factor {factor}): in HF the rope base grows with the "
+                                 f"sequence beyond max_position_embeddings={self.get('max_position_embeddings')} "
+                                 "tokens, megatron-core's stays: outputs agree up to that length")
+            return RopeSpec(theta=theta, interleaved=bool(self.get("rope_interleaved", False)))
         if kind == "linear":  # position interpolation: megatron-core divides the positions by the factor
             if not factor.is_integer() or factor < 1:
                 self.refuse(f"linear rope_scaling factor={factor} (Megatron-LM's "
@@ -500,7 +505,7 @@ class _Deriver:
                 self.refuse("linear rope_scaling with multi-latent attention (megatron-core's MLA rope has none)")
             return RopeSpec(kind="linear", theta=theta, factor=factor,
                             interleaved=bool(self.get("rope_interleaved", False)))
-        self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, linear, llama3 and yarn rope)")
+        self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, linear, llama3 and yarn rope; dynamic: plain)")
 
     def _yarn_mscale(self, params: dict, factor: float, mscale_all_dim: float) -> float:
         """megatron-core's yarn scales cos and sin by g(factor, mscale) / g(factor, mscale_all_dim), with

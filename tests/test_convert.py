@@ -93,6 +93,19 @@ def test_sliding_window_without_layer_types(name, change, tmp_path):
     _assert_verifies(hf, tmp_path)
 
 
+def test_dynamic_rope_agrees_up_to_max_position_embeddings(tmp_path):
+    """HF's dynamic NTK rope is plain rope until the sequence outgrows max_position_embeddings: converted as plain
+    rope with a warning; the logits agree within that length and differ beyond it (verify's text: 160 tokens)."""
+    from converter.derive import derive
+
+    dynamic = {**tiny_config("meta-llama/Llama-2-7b-hf"), "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    hf = make_model({**dynamic, "max_position_embeddings": 4096}, tmp_path / "hf")
+    assert any(w.startswith("rope_scaling dynamic") for w in derive(hf).warnings)
+    _assert_verifies(hf, tmp_path)
+    short = make_model({**dynamic, "max_position_embeddings": 64}, tmp_path / "short")
+    assert verify(short, convert(short, tmp_path / "mc-short", dtype="fp32", progress=False))["rel_err"] > 1e-3
+
+
 def _assert_verifies(hf, tmp_path):
     """Converted at fp32 as written (no --exact), the model Megatron-LM builds from it computes HF's logits."""
     r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
