@@ -473,7 +473,7 @@ class _Deriver:
         if percent != 1.0 and kind == "default" and not self.implied.get("reads_partial_rotary"):
             self._unread("partial_rotary_factor", percent, "it rotates every dimension of a head")
             percent = 1.0
-        if percent != 1.0 and kind != "default":
+        if percent != 1.0 and kind not in ("default", "longrope"):
             self.refuse(f"partial_rotary_factor={percent} with {kind} rope scaling")
         if kind == "default":
             return RopeSpec(theta=theta, percent=percent, interleaved=bool(self.get("rope_interleaved", False)))
@@ -492,6 +492,15 @@ class _Deriver:
                             truncate=params.get("truncate", True) is not False,
                             beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1),
                             mscale=self._yarn_mscale(params, factor, mscale_all_dim), mscale_all_dim=mscale_all_dim)
+        if kind == "longrope":
+            omp = _typed(params, "original_max_position_embeddings", int) or self.get("original_max_position_embeddings",
+                                                                                      kind=int)
+            inv_freq, attention_factor = self._hf_longrope()
+            self.warnings.append(f"rope_scaling longrope: in HF the long factors replace the short ones once the "
+                                 f"sequence outgrows original_max_position_embeddings={omp} tokens, megatron-core's "
+                                 "(and the --exact hook's) keep the short ones: outputs agree up to that length")
+            return RopeSpec(kind="longrope", theta=theta, percent=percent, original_max_position_embeddings=omp,
+                            inv_freq=inv_freq, attention_factor=attention_factor)
         if kind == "dynamic":  # (HF's base at init, and at any length up to max_position_embeddings, is theta)
             self.warnings.append(f"rope_scaling dynamic (factor {factor}): in HF the rope base grows with the "
                                  f"sequence beyond max_position_embeddings={self.get('max_position_embeddings')} "
@@ -506,6 +515,17 @@ class _Deriver:
             return RopeSpec(kind="linear", theta=theta, factor=factor,
                             interleaved=bool(self.get("rope_interleaved", False)))
         self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, linear, llama3 and yarn rope; dynamic: plain)")
+
+    def _hf_longrope(self) -> tuple[tuple[float, ...], float]:
+        """Longrope's inverse frequencies and attention factor as transformers computes them at the start (from the
+        short factors, the original and the extended context)."""
+        try:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](self._hf_config(), "cpu")
+        except Exception as e:  # (a config transformers refuses: it cannot run the model either)
+            self.refuse(f"rope_scaling longrope that transformers cannot compute ({type(e).__name__}: {e})"[:300])
+        return tuple(inv_freq.tolist()), float(attention_factor)
 
     def _yarn_mscale(self, params: dict, factor: float, mscale_all_dim: float) -> float:
         """megatron-core's yarn scales cos and sin by g(factor, mscale) / g(factor, mscale_all_dim), with

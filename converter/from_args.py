@@ -20,7 +20,9 @@ def hf_config_from_args(ns: dict) -> dict:
               "moe_shared_expert_intermediate_size": "shared experts", "add_bias_linear": "linear-layer biases",
               "window_size": "sliding-window attention", "qk_l2_norm": "q/k L2 norm", "no_rope_freq": "NoPE layers",
               "quick_geglu": "the clamped GLU", "moe_router_enable_expert_bias": "expert bias",
-              "mtp_num_layers": "multi-token prediction"}
+              "mtp_num_layers": "multi-token prediction",
+              # (--exact's fixes: longrope, llama3 constants, ... live in the hook's settings, not the arguments)
+              "spec": "a --spec hook, whose settings the arguments do not carry"}
     for dest, what in refuse.items():
         if value(ns, dest) not in (None, False):
             raise ConversionError(f"{BY_DEST[dest].flag} ({what}): cannot name the HF architecture from the "

@@ -16,6 +16,8 @@ The rest are fixes for what Megatron-LM's flags cannot express; convert writes t
 - "rope_scaling_factor": llama3 rope factor (gpt_config_from_args drops --rope-scaling-factor: always 8).
 - "llama3": low/high frequency factors and original context of llama3 rope (megatron-core fixes 1, 4, 8192).
   This one is process-wide: megatron-core's RotaryEmbedding takes no such arguments.
+- "rope_inv_freq", "rope_attention_factor": longrope's inverse frequencies (HF's, from its short factors) in
+  place of megatron-core's, also process-wide, and the factor that scales cos and sin.
 - "qk_l2_norm_layers": 1/0 per layer: the weightless q/k L2 norm only on the layers that rotate (Llama 4).
 - "mla_config": MLATransformerConfig fields no flag reaches (yarn beta_fast, beta_slow, original context).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -60,6 +63,12 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
         patched = functools.partialmethod(base, **settings["llama3"])
         patched.hf2mcore_original = base
         RotaryEmbedding._apply_scaling = patched
+    _rope_inv_freq(RotaryEmbedding, settings.get("rope_inv_freq"))
+    if "rope_attention_factor" in settings:
+        # megatron-core's attention scales cos and sin by yarn's concentration factor g(s, m) / g(s, m_all), with
+        # g(s, m) = 0.1 m ln s + 1, read from these attributes whatever the rope: s = e and m_all = 0 make it 1 + 0.1 m
+        transformer.yarn_rotary_scaling_factor, transformer.yarn_mscale_all_dim = math.e, 0.0
+        transformer.yarn_mscale = 10 * (settings["rope_attention_factor"] - 1)
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=False,
                                        normalization=transformer.normalization,
                                        qk_l2_norm=transformer.qk_l2_norm, vp_stage=vp_stage)
@@ -85,6 +94,25 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
     if settings.get("mla") and transformer.mtp_num_layers and block.layer_specs:
         _mtp_from(block.layer_specs[-1])
     return block
+
+
+def _rope_inv_freq(rotary, inv_freq: list | None) -> None:
+    """RotaryEmbedding computes its inverse frequencies in __init__ from the base alone: with `inv_freq`, every one
+    built in this process takes these instead; without, megatron-core's own again."""
+    stock = getattr(rotary.__init__, "hf2mcore_original", rotary.__init__)
+    if inv_freq is None:
+        rotary.__init__ = stock
+        return
+
+    def __init__(self, *args, **kwargs):
+        stock(self, *args, **kwargs)
+        if self.inv_freq.numel() != len(inv_freq):
+            raise ValueError(f"hf2mcore_spec: {len(inv_freq)} rope frequencies for a rotary embedding of "
+                             f"{self.inv_freq.numel()}")
+        self.inv_freq = torch.tensor(inv_freq, dtype=self.inv_freq.dtype, device=self.inv_freq.device)
+
+    __init__.hf2mcore_original = stock
+    rotary.__init__ = __init__
 
 
 def _mtp_from(layer) -> None:

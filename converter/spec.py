@@ -42,13 +42,15 @@ MEASURED = {
     "rope_scaling.low_freq_factor/high_freq_factor": "1.0e-1 at 160 tokens (Llama 4: low 1, high 1)",
     "no_rope_layers": "2.4e-1 at 160 tokens (Llama 4, every other layer NoPE)",
     "rope_scaling.beta_fast/beta_slow/original_max_position_embeddings": "4.4e-1 at 160 tokens (Kimi-K2: betas 1, 1)",
+    "rope_scaling.short_factor/long_factor": "3.2e-1 at 128 tokens (a tiny Phi-3 with Phi-3-mini-128k's layout: "
+                                             "divisors 1 to 3.7, attention factor 1.19)",
     "rms_norm_eps": "1.3e-4 at 160 tokens (DeepSeek-V3 with rms_norm_eps 1e-5; 1.9e-5 for DeepSeek-V2-Lite's layout)",
 }
 
 
 @dataclass(frozen=True)
 class RopeSpec:
-    kind: str = "rope"  # rope | linear | llama3 | yarn | none (no position embedding: Nemotron-H's attention)
+    kind: str = "rope"  # rope | linear | llama3 | yarn | longrope | none (no position embedding: Nemotron-H's)
     theta: float = 10000.0
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
@@ -61,6 +63,10 @@ class RopeSpec:
     high_freq_factor: float = 4.0
     percent: float = 1.0  # share of each head's dims that rotate (partial_rotary_factor)
     truncate: bool = True  # yarn: round the correction range to whole dims (rope_scaling.truncate)
+    # longrope (Phi-3/3.5/4-mini long-context): HF's inverse frequencies up to the original context (its short
+    # factors, as transformers computes them) and the factor that scales cos and sin
+    inv_freq: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,11 @@ class ModelSpec:
                            f"normalises the compressed q and kv with eps {HF_MLA_LATENT_EPS}, megatron-core's with "
                            "--norm-epsilon", "MLASelfAttention: an epsilon of its own for q_layernorm and kv_layernorm",
                            {"mla_latent_norm_eps": HF_MLA_LATENT_EPS}))
+        if r.kind == "longrope":
+            out.append(Gap("rope_scaling.short_factor/long_factor", "longrope: a divisor per rotary frequency, and "
+                           f"cos and sin scaled by {_num(r.attention_factor)}: megatron-core's RotaryEmbedding has "
+                           "neither", "RotaryEmbedding: per-frequency divisors and an attention factor from the config",
+                           {"rope_inv_freq": list(r.inv_freq), "rope_attention_factor": r.attention_factor}))
         if r.theta != int(r.theta):
             out.append(Gap("rope_theta", f"rope_theta={r.theta}: Megatron-LM's --rotary-base is an integer",
                            "arguments.py: --rotary-base type=float", None))

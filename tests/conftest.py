@@ -30,6 +30,7 @@ FAMILY_CONFIGS = [
     "Qwen/Qwen3-8B",  # qk norm, head_dim != hidden/heads
     "Qwen/Qwen3-8B#yarn",  # yarn rope without MLA, truncated (Megatron-LM's unset round-to-int flag)
     "microsoft/Phi-3-mini-4k-instruct",  # fused qkv and gate_up
+    "microsoft/Phi-3-mini-4k-instruct#longrope",  # longrope: HF's frequencies and attention factor (--exact)
     "mistralai/Mixtral-8x7B-v0.1",  # MoE
     "Qwen/Qwen3-30B-A3B",  # MoE + qk norm
     "transformers:qwen2_moe:Qwen2MoeForCausalLM",  # Qwen1.5/2-MoE: qkv bias, shared expert with its sigmoid gate

@@ -184,6 +184,7 @@ def _reset(path: list[str], scaling) -> None:
     unset_global_variables()
     ps.destroy_model_parallel()
     RotaryEmbedding._apply_scaling = scaling
+    RotaryEmbedding.__init__ = getattr(RotaryEmbedding.__init__, "hf2mcore_original", RotaryEmbedding.__init__)
     mtp = gpt_layer_specs.get_gpt_mtp_block_spec  # the hook's MLA redirect of the MTP spec
     gpt_layer_specs.get_gpt_mtp_block_spec = getattr(mtp, "hf2mcore_original", mtp)
     sys.modules.pop(HOOK, None)

@@ -106,6 +106,15 @@ def test_dynamic_rope_agrees_up_to_max_position_embeddings(tmp_path):
     assert verify(short, convert(short, tmp_path / "mc-short", dtype="fp32", progress=False))["rel_err"] > 1e-3
 
 
+def test_longrope_with_partial_rotary(tmp_path):
+    """Phi-4-mini's layout: longrope on part of each head (partial_rotary_factor): under --exact the hook's
+    frequencies and attention factor cover the rotated dimensions only, as HF's do."""
+    cfg = {**tiny_config("microsoft/Phi-3-mini-4k-instruct#longrope"), "partial_rotary_factor": 0.5,
+           "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 2.5], "long_factor": [2.0, 4.0]}}
+    hf = make_model(cfg, tmp_path / "hf")
+    assert verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False, exact=True))["ok"]
+
+
 def _assert_verifies(hf, tmp_path):
     """Converted at fp32 as written (no --exact), the model Megatron-LM builds from it computes HF's logits."""
     r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))
@@ -373,6 +382,8 @@ def test_export_without_like_refuses_what_arguments_cannot_name(tmp_path):
         hf_config_from_args({"multi_latent_attention": True})
     with pytest.raises(ConversionError, match="RMSNorm"):
         hf_config_from_args({"normalization": "LayerNorm", "add_bias_linear": False})
+    with pytest.raises(ConversionError, match="--spec"):  # (e.g. longrope under --exact)
+        hf_config_from_args({"spec": ["hf2mcore_spec", "layer_spec"], "add_bias_linear": False})
 
 
 def test_llama4_multimodal_checkpoint_converts_its_language_model(tiny_models, tmp_path):

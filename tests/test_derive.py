@@ -1,6 +1,7 @@
 """derive(): Megatron settings from config.json, checked against transformers and against the hand-written confs."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -375,3 +376,20 @@ def test_linear_rope_scaling():
         derive({**real_config("meta-llama/Llama-2-7b-hf"), **linear(2.5)})
     with pytest.raises(ConversionError, match="multi-latent"):
         derive({**real_config("deepseek-ai/DeepSeek-V2-Lite"), **linear(2.0)})
+
+
+def test_longrope_is_a_gap_the_hook_closes():
+    """Phi-3-mini-128k's longrope (its 4k config, extended): plain rope in the flags, a WARNING gap whose --exact fix
+    carries transformers' own inverse frequencies (one per rotary pair) and attention factor, and a warning that
+    the long factors are not followed beyond the original context (the logits: Phi-3-mini-4k-instruct#longrope)."""
+    cfg = {**real_config("microsoft/Phi-3-mini-4k-instruct"), "max_position_embeddings": 131072,
+           "original_max_position_embeddings": 4096,
+           "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(48)],
+                            "long_factor": [2.0 + i for i in range(48)]}}
+    spec = derive(cfg)
+    assert [g.field for g in spec.gaps()] == ["rope_scaling.short_factor/long_factor"]
+    fix = spec.hook_settings(exact=True)
+    assert len(fix["rope_inv_freq"]) == 48 and fix["rope_inv_freq"][0] == 1.0
+    assert abs(fix["rope_attention_factor"] - math.sqrt(1 + math.log(32) / math.log(4096))) < 1e-12
+    assert any("original_max_position_embeddings=4096" in w for w in spec.warnings)
+    assert "--rotary-base 10000" in " ".join(megatron_fields.flags(spec.megatron_namespace()))
