@@ -493,6 +493,8 @@ class _Deriver:
                             beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1),
                             mscale=self._yarn_mscale(params, factor, mscale_all_dim), mscale_all_dim=mscale_all_dim)
         if kind == "longrope":
+            if self.implied.get("hybrid") or self.get("kv_lora_rank"):  # (the fix is in layer_spec's GPT path)
+                self.refuse("longrope rope_scaling on a hybrid or multi-latent-attention model")
             omp = _typed(params, "original_max_position_embeddings", int) or self.get("original_max_position_embeddings",
                                                                                       kind=int)
             inv_freq, attention_factor = self._hf_longrope()

@@ -58,8 +58,9 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
         setattr(transformer, k, v)
     if "rope_scaling_factor" in settings:
         config.rope_scaling_factor = settings["rope_scaling_factor"]
+    # process-wide patches, so set (or undone) on every build: a process may build models of other settings
+    base = RotaryEmbedding._apply_scaling = _stock(RotaryEmbedding, "_apply_scaling")
     if "llama3" in settings:
-        base = getattr(RotaryEmbedding._apply_scaling, "hf2mcore_original", RotaryEmbedding._apply_scaling)
         patched = functools.partialmethod(base, **settings["llama3"])
         patched.hf2mcore_original = base
         RotaryEmbedding._apply_scaling = patched
@@ -96,10 +97,17 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
     return block
 
 
+def _stock(cls, name: str):
+    """megatron-core's own `cls.name`, beneath a patch of this hook's (read from the class's __dict__: a
+    partialmethod fetched through the class is a new function, without the attribute)."""
+    current = vars(cls)[name]
+    return getattr(current, "hf2mcore_original", current)
+
+
 def _rope_inv_freq(rotary, inv_freq: list | None) -> None:
     """RotaryEmbedding computes its inverse frequencies in __init__ from the base alone: with `inv_freq`, every one
     built in this process takes these instead; without, megatron-core's own again."""
-    stock = getattr(rotary.__init__, "hf2mcore_original", rotary.__init__)
+    stock = _stock(rotary, "__init__")
     if inv_freq is None:
         rotary.__init__ = stock
         return

@@ -115,6 +115,34 @@ def test_longrope_with_partial_rotary(tmp_path):
     assert verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False, exact=True))["ok"]
 
 
+def test_hook_rope_patches_follow_each_build():
+    """The hook's process-wide rope patches (llama3 constants, longrope frequencies) are those of the latest
+    build's settings: a second build (another virtual pipeline stage) does not stack them, a build without them
+    gets megatron-core's own rope again."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from converter import megatron_hooks
+    from converter.derive import derive
+    from converter.model import transformer_config
+    from converter.runtime import ensure_distributed
+
+    ensure_distributed()
+    config = transformer_config(derive(tiny_config("meta-llama/Llama-3.1-8B")).megatron_namespace())
+    inv_freq = lambda: RotaryEmbedding(8, 1.0, rope_scaling=True, use_cpu_initialization=True).inv_freq  # noqa: E731
+    stock = inv_freq()
+    llama3 = {"llama3": {"low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 64}}
+    try:
+        megatron_hooks.layer_spec(config, settings=llama3)
+        once = inv_freq()
+        megatron_hooks.layer_spec(config, settings=llama3)
+        assert torch.equal(inv_freq(), once) and not torch.equal(once, stock)
+        megatron_hooks.layer_spec(config, settings={"rope_inv_freq": [1.0, 0.5, 0.25, 0.125]})
+        assert inv_freq().tolist() == [1.0, 0.5, 0.25, 0.125]
+    finally:
+        megatron_hooks.layer_spec(config, settings={})
+    assert torch.equal(inv_freq(), stock)
+
+
 def _assert_verifies(hf, tmp_path):
     """Converted at fp32 as written (no --exact), the model Megatron-LM builds from it computes HF's logits."""
     r = verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False))

@@ -393,3 +393,5 @@ def test_longrope_is_a_gap_the_hook_closes():
     assert abs(fix["rope_attention_factor"] - math.sqrt(1 + math.log(32) / math.log(4096))) < 1e-12
     assert any("original_max_position_embeddings=4096" in w for w in spec.warnings)
     assert "--rotary-base 10000" in " ".join(megatron_fields.flags(spec.megatron_namespace()))
+    with pytest.raises(ConversionError, match="longrope"):  # (the hook's fix is on the GPT layer spec only)
+        derive({**real_config("deepseek-ai/DeepSeek-V2-Lite"), "rope_scaling": cfg["rope_scaling"]})
