@@ -26,7 +26,8 @@ ALIASES = {
     "num_query_groups": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
     "head_dim": ("head_dim", "kv_channels", "attention_head_dim"),
     "norm_epsilon": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"),
-    "activation": ("mlp_hidden_act", "hidden_act", "hidden_activation", "activation_function"),
+    # (Gemma's MLP reads hidden_activation; its early configs also carry an unread hidden_act, "gelu")
+    "activation": ("mlp_hidden_act", "hidden_activation", "hidden_act", "activation_function"),
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
     "topk": ("num_experts_per_tok", "experts_per_token", "moe_topk"),
     "moe_ffn": ("moe_intermediate_size",),
@@ -35,7 +36,7 @@ ALIASES = {
 DEFAULTED = ("tie_word_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "attention_bias",
              "mlp_bias", "norm_topk_prob", "hidden_act", "max_position_embeddings", "use_sliding_window",
              "scoring_func", "topk_method", "routed_scaling_factor", "decoder_sparse_step", "qkv_bias")
-GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu_tanh"}
 PLAIN_ACTIVATIONS = {"relu2": "squared_relu"}  # MLPs without a gate (the family says: "mlp": "plain")
 # Hybrid layer kinds: transformers' layers_block_type names (4.x and 5.x) -> megatron-core's pattern symbols
 HYBRID_SYMBOLS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-",
@@ -227,7 +228,8 @@ class _Deriver:
         if plain and act not in PLAIN_ACTIVATIONS:
             self.refuse(f"mlp_hidden_act={act!r} (hf2mcore maps relu2 to --squared-relu)")
         if not plain and act not in GATED_ACTIVATIONS:
-            self.refuse(f"hidden_act={act!r} (Megatron-LM's gated MLPs are --swiglu and --quick-geglu)")
+            self.refuse(f"hidden_act={act!r} (hf2mcore's gated MLPs: silu as --swiglu, gelu_pytorch_tanh through "
+                        "its --spec hook)")
         attn_bias, mlp_bias = self.get("attention_bias", False, kind=bool), self.get("mlp_bias", False, kind=bool)
         qkv_bias = attn_bias or self.get("qkv_bias", False, kind=bool)  # (Qwen2-MoE's field: q/k/v only)
         if self.implied.get("attention_bias_is_qkv_only"):  # e.g. GLM-4.5: o_proj never has a bias
@@ -235,9 +237,16 @@ class _Deriver:
         if attn_bias != mlp_bias:
             self.refuse(f"attention_bias={attn_bias} with mlp_bias={mlp_bias}: megatron-core's add_bias_linear "
                         "covers the attention output and MLP projections together")
-        for f in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if self.get(f):
-                self.refuse(f"{f}={self.get(f)} (megatron-core has no logit soft-capping)")
+        softcaps = {f: self.get(f, kind=(int, float)) for f in ("attn_logit_softcapping", "final_logit_softcapping")}
+        for f, cap in softcaps.items():
+            if cap is not None and not self.implied.get("reads_softcapping"):
+                self._unread(f, cap, "it caps no logits")
+                softcaps[f] = None
+            elif cap is not None and cap <= 0:
+                raise ConversionError(f"config field {f}={cap} must be positive")
+        if self.implied.get("post_norms") and attn_bias:
+            self.refuse("attention_bias with norms after the attention and the MLP (megatron-core adds the output "
+                        "projections' bias after them)")
         quant = self.get("quantization_config", kind=dict)
         if quant:
             self.warnings.append(f"source weights are quantized (quantization_config.quant_method="
@@ -255,6 +264,8 @@ class _Deriver:
             activation=self.implied.get("glu") or (PLAIN_ACTIVATIONS if plain else GATED_ACTIVATIONS)[act],
             glu_clamp=self.get("swiglu_limit", kind=(int, float)),
             add_qkv_bias=qkv_bias, add_bias_linear=attn_bias, **self._qk_norm(),
+            attn_logit_softcap=softcaps["attn_logit_softcapping"],
+            final_logit_softcap=softcaps["final_logit_softcapping"], softmax_scale=self._softmax_scale(head_dim),
             tie_word_embeddings=self.get("tie_word_embeddings", False, kind=bool),
             rope=self._rope(), moe=self._moe(num_layers, pattern), mla=self._mla(),
             **({} if hybrid else self._window()), nope_layers=self._nope_layers(num_layers), mtp_layers=self._mtp(),
@@ -263,6 +274,18 @@ class _Deriver:
         )
         fields.update({k: self._overruled(k) for k in self.implied if k in ModelSpec.__dataclass_fields__})
         return ModelSpec(**fields, warnings=tuple(self.warnings), hf_config=self.cfg)
+
+    def _softmax_scale(self, head_dim: int) -> float | None:
+        """Gemma 2's attention scale, query_pre_attn_scalar ** -0.5; None where that is megatron-core's own."""
+        scalar = self.get("query_pre_attn_scalar", kind=(int, float))
+        if scalar is None or scalar == head_dim:
+            return None
+        if not self.implied.get("reads_query_pre_attn_scalar"):
+            self._unread("query_pre_attn_scalar", scalar, f"it scales by 1/sqrt(head_dim={head_dim})")
+            return None
+        if scalar <= 0:
+            raise ConversionError(f"config field query_pre_attn_scalar={scalar} must be positive")
+        return scalar ** -0.5
 
     def _qwen3_next_pattern(self) -> str:
         """Qwen3-Next's layers as megatron-core's pattern: each HF layer is its mixer (`G` Gated DeltaNet or `*` gated
@@ -442,7 +465,7 @@ class _Deriver:
 
     def _hf_config(self):
         """transformers' config object for this config.json: its class computes what the file leaves out. Imports
-        transformers (about 1.5 s): only for a windowed config without layer_types, and for Mamba layers."""
+        transformers (about 1.5 s): only for a windowed config without layer_types, longrope and Mamba layers."""
         from transformers import AutoConfig
 
         return AutoConfig.for_model(**self.cfg)
@@ -495,14 +518,13 @@ class _Deriver:
         if kind == "longrope":
             if self.implied.get("hybrid") or self.get("kv_lora_rank"):  # (the fix is in layer_spec's GPT path)
                 self.refuse("longrope rope_scaling on a hybrid or multi-latent-attention model")
-            omp = _typed(params, "original_max_position_embeddings", int) or self.get("original_max_position_embeddings",
-                                                                                      kind=int)
-            inv_freq, attention_factor = self._hf_longrope()
-            self.warnings.append(f"rope_scaling longrope: in HF the long factors replace the short ones once the "
-                                 f"sequence outgrows original_max_position_embeddings={omp} tokens, megatron-core's "
-                                 "(and the --exact hook's) keep the short ones: outputs agree up to that length")
+            omp, inv_freq, long_inv_freq, attention_factor = self._hf_longrope()
+            self.warnings.append(f"rope_scaling longrope: HF takes the long factors for a sequence longer than "
+                                 f"original_max_position_embeddings={omp} tokens, the short ones else; one model "
+                                 "has one set: the --exact hook takes the long ones where --seq-length is longer, "
+                                 "so outputs agree for sequences on the same side of that length as --seq-length")
             return RopeSpec(kind="longrope", theta=theta, percent=percent, original_max_position_embeddings=omp,
-                            inv_freq=inv_freq, attention_factor=attention_factor)
+                            inv_freq=inv_freq, long_inv_freq=long_inv_freq, attention_factor=attention_factor)
         if kind == "dynamic":  # (HF's base at init, and at any length up to max_position_embeddings, is theta)
             self.warnings.append(f"rope_scaling dynamic (factor {factor}): in HF the rope base grows with the "
                                  f"sequence beyond max_position_embeddings={self.get('max_position_embeddings')} "
@@ -518,16 +540,20 @@ class _Deriver:
                             interleaved=bool(self.get("rope_interleaved", False)))
         self.refuse(f"rope_scaling type {kind!r} (megatron-core has plain, linear, llama3 and yarn rope; dynamic: plain)")
 
-    def _hf_longrope(self) -> tuple[tuple[float, ...], float]:
-        """Longrope's inverse frequencies and attention factor as transformers computes them at the start (from the
-        short factors, the original and the extended context)."""
+    def _hf_longrope(self) -> tuple[int, tuple[float, ...], tuple[float, ...], float]:
+        """Longrope as transformers runs it: the original context (its default where the config has none), the
+        inverse frequencies from the short factors (sequences up to that length) and from the long ones (longer),
+        and the attention factor (the same for both)."""
         try:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](self._hf_config(), "cpu")
+            init, config = ROPE_INIT_FUNCTIONS["longrope"], self._hf_config()
+            config.standardize_rope_params()
+            omp = int(config.rope_parameters["original_max_position_embeddings"])
+            (short, attention_factor), (long, _) = init(config, "cpu"), init(config, "cpu", seq_len=omp + 1)
         except Exception as e:  # (a config transformers refuses: it cannot run the model either)
             self.refuse(f"rope_scaling longrope that transformers cannot compute ({type(e).__name__}: {e})"[:300])
-        return tuple(inv_freq.tolist()), float(attention_factor)
+        return omp, tuple(short.tolist()), tuple(long.tolist()), float(attention_factor)
 
     def _yarn_mscale(self, params: dict, factor: float, mscale_all_dim: float) -> float:
         """megatron-core's yarn scales cos and sin by g(factor, mscale) / g(factor, mscale_all_dim), with

@@ -16,10 +16,20 @@ The rest are fixes for what Megatron-LM's flags cannot express; convert writes t
 - "rope_scaling_factor": llama3 rope factor (gpt_config_from_args drops --rope-scaling-factor: always 8).
 - "llama3": low/high frequency factors and original context of llama3 rope (megatron-core fixes 1, 4, 8192).
   This one is process-wide: megatron-core's RotaryEmbedding takes no such arguments.
-- "rope_inv_freq", "rope_attention_factor": longrope's inverse frequencies (HF's, from its short factors) in
-  place of megatron-core's, also process-wide, and the factor that scales cos and sin.
+- "rope_inv_freq", "rope_attention_factor", "rope_long": longrope's inverse frequencies (HF's, from its short
+  factors) in place of megatron-core's, also process-wide, and the factor that scales cos and sin. HF takes those
+  from its long factors ("rope_long") for a sequence longer than the original context; a model here has one set:
+  the long ones where the training sequence (Megatron-LM's --seq-length) is longer.
 - "qk_l2_norm_layers": 1/0 per layer: the weightless q/k L2 norm only on the layers that rotate (Llama 4).
 - "mla_config": MLATransformerConfig fields no flag reaches (yarn beta_fast, beta_slow, original context).
+Gemma 2's layers, which no Megatron-LM spec builds (so always written where the model has them):
+- "activation": "gelu_tanh": a gated MLP on GELU's tanh approximation (Megatron-LM's gated MLPs are SwiGLU and
+  quick-GELU).
+- "embedding_scale": the embeddings times this (sqrt(hidden_size), in their dtype), at the first layer's input.
+- "post_norms": a norm on the attention's and the MLP's output before each residual add (`post_layernorm` of
+  linear_proj and of linear_fc2).
+- "attn_logit_softcap", "final_logit_softcap": scores, and the output logits (process-wide), as cap * tanh(x / cap).
+- "softmax_scale": the attention's scale where it is not 1/sqrt(kv_channels).
 
 Hybrid models (Mamba-2, Gated DeltaNet, attention, MLP and MoE layers: pretrain_hybrid.py; setting "hybrid") take
 `--spec hf2mcore_spec hybrid_stack_spec`: megatron-core 0.19's own hybrid specs are made of Transformer Engine
@@ -37,15 +47,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from megatron.core.models.hybrid.hybrid_block import HybridStack
+from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 SETTINGS = Path(__file__).with_suffix(".json")
+GATED_ACTIVATIONS = {"gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 def layer_spec(config, vp_stage=None, settings: dict | None = None):
     """The decoder block spec for `config` (a GPTModelConfig, or a TransformerConfig), with the settings applied."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.torch_norm import L2Norm
@@ -64,12 +80,20 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
         patched = functools.partialmethod(base, **settings["llama3"])
         patched.hf2mcore_original = base
         RotaryEmbedding._apply_scaling = patched
-    _rope_inv_freq(RotaryEmbedding, settings.get("rope_inv_freq"))
+    long = settings.get("rope_long")
+    seq_length = _training_seq_length(config)
+    _rope_inv_freq(RotaryEmbedding, long["inv_freq"] if long and seq_length and seq_length > long["beyond"]
+                   else settings.get("rope_inv_freq"))
     if "rope_attention_factor" in settings:
         # megatron-core's attention scales cos and sin by yarn's concentration factor g(s, m) / g(s, m_all), with
         # g(s, m) = 0.1 m ln s + 1, read from these attributes whatever the rope: s = e and m_all = 0 make it 1 + 0.1 m
         transformer.yarn_rotary_scaling_factor, transformer.yarn_mscale_all_dim = math.e, 0.0
         transformer.yarn_mscale = 10 * (settings["rope_attention_factor"] - 1)
+    if "activation" in settings:  # (MLP reads both when it is built)
+        transformer.activation_func, transformer.gated_linear_unit = GATED_ACTIVATIONS[settings["activation"]], True
+    if "softmax_scale" in settings:
+        transformer.softmax_scale = settings["softmax_scale"]
+    _output_softcap(GPTModel, settings.get("final_logit_softcap"))
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=False,
                                        normalization=transformer.normalization,
                                        qk_l2_norm=transformer.qk_l2_norm, vp_stage=vp_stage)
@@ -78,8 +102,19 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
     block.layer_specs = [copy.deepcopy(layer) for layer in block.layer_specs]
     offset = get_transformer_layer_offset(transformer, vp_stage=vp_stage)  # this stage's first global layer
     l2 = settings.get("qk_l2_norm_layers")
+    if transformer.layernorm_zero_centered_gamma:  # (--apply-layernorm-1p: the local norms refuse it)
+        block.layer_norm = Norm
     for i, layer in enumerate(block.layer_specs):
         attn = layer.submodules.self_attention
+        if transformer.layernorm_zero_centered_gamma:
+            layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = Norm
+        if "embedding_scale" in settings and offset + i == 0:
+            layer.module, layer.params = ScaledInputLayer, {**layer.params, "scale": settings["embedding_scale"]}
+        if settings.get("post_norms"):
+            attn.submodules.linear_proj = _submodules(layer.submodules.mlp).linear_fc2 = PostNormRowParallelLinear
+        if "attn_logit_softcap" in settings:
+            attn.submodules.core_attention = ModuleSpec(module=SoftcapDotProductAttention,
+                                                        params={"softcap": settings["attn_logit_softcap"]})
         if settings.get("mla"):
             attn.module = LocalMLASelfAttention
             attn.submodules.core_attention = LocalMLACoreAttention
@@ -97,11 +132,27 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
     return block
 
 
+def _submodules(spec):
+    """A spec's submodules: a ModuleSpec's, or a partial's (megatron-core 0.19's dense MLP spec is one)."""
+    return spec.keywords["submodules"] if isinstance(spec, functools.partial) else spec.submodules
+
+
 def _stock(cls, name: str):
     """megatron-core's own `cls.name`, beneath a patch of this hook's (read from the class's __dict__: a
     partialmethod fetched through the class is a new function, without the attribute)."""
     current = vars(cls)[name]
     return getattr(current, "hf2mcore_original", current)
+
+
+def _training_seq_length(config) -> int | None:
+    """Megatron-LM's --seq-length (its global arguments); else the one the caller's config names as
+    `training_seq_length` (hf2mcore's builds), if any. (GPTModelConfig's seq_length is --max-position-embeddings.)"""
+    try:
+        from megatron.training.global_vars import get_args
+
+        return get_args().seq_length
+    except (ImportError, AssertionError):  # (not Megatron-LM, or its arguments not parsed)
+        return getattr(config, "training_seq_length", None)
 
 
 def _rope_inv_freq(rotary, inv_freq: list | None) -> None:
@@ -121,6 +172,71 @@ def _rope_inv_freq(rotary, inv_freq: list | None) -> None:
 
     __init__.hf2mcore_original = stock
     rotary.__init__ = __init__
+
+
+def _output_softcap(gpt_model, cap: float | None) -> None:
+    """With `cap`, every GPTModel built in this process soft-caps its output layer's logits (there is no spec for
+    the output layer); without, megatron-core's own again."""
+    stock = _stock(gpt_model, "__init__")
+    if cap is None:
+        gpt_model.__init__ = stock
+        return
+
+    def softcap(module, args, out):
+        logits, bias = out
+        return torch.tanh(logits / cap) * cap, bias
+
+    def __init__(self, *args, **kwargs):
+        stock(self, *args, **kwargs)
+        if hasattr(self, "output_layer"):
+            self.output_layer.register_forward_hook(softcap)
+
+    __init__.hf2mcore_original = stock
+    gpt_model.__init__ = __init__
+
+
+class ScaledInputLayer(TransformerLayer):
+    """The first layer, scaling its input (the embeddings, and so the residual too) by `scale` in their dtype,
+    as Gemma's embedding does."""
+
+    def __init__(self, *args, scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_scale = scale
+
+    def _forward_attention(self, hidden_states, *args, **kwargs):
+        scale = torch.tensor(self.input_scale, dtype=hidden_states.dtype, device=hidden_states.device)
+        return super()._forward_attention(hidden_states * scale, *args, **kwargs)
+
+
+class PostNormRowParallelLinear(RowParallelLinear):
+    """A row-parallel projection whose (reduced) output is normalised: Gemma 2's norm after the attention and
+    after the MLP, before the residual add. Its weight is this module's `post_layernorm.weight`."""
+
+    def __init__(self, input_size, output_size, *args, config, **kwargs):
+        super().__init__(input_size, output_size, *args, config=config, **kwargs)
+        self.post_layernorm = Norm(config=config, hidden_size=output_size, eps=config.layernorm_epsilon)
+
+    def forward(self, input_, *args, **kwargs):
+        out, bias = super().forward(input_, *args, **kwargs)
+        return self.post_layernorm(out), bias
+
+
+class SoftcapDotProductAttention(DotProductAttention):
+    """megatron-core's local attention with its scaled scores soft-capped (cap * tanh(score / cap)) before the
+    mask and the softmax, as Gemma 2's."""
+
+    def __init__(self, *args, softcap: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale_mask_softmax = _Softcapped(self.scale_mask_softmax, softcap)
+
+
+class _Softcapped(torch.nn.Module):
+    def __init__(self, softmax, cap: float):
+        super().__init__()
+        self.softmax, self.cap = softmax, cap
+
+    def forward(self, scores, *args, **kwargs):
+        return self.softmax(torch.tanh(scores / self.cap) * self.cap, *args, **kwargs)
 
 
 def _mtp_from(layer) -> None:

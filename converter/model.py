@@ -66,13 +66,15 @@ def transformer_config(ns: dict, **overrides):
     return config
 
 
-class _ModelConfig:
+class HookConfig:
     """What the --spec hook sees of Megatron-LM's GPTModelConfig: the TransformerConfig's attributes, and GPTModel's
-    rope_scaling_factor (which the builder passes on after the hook ran)."""
+    rope_scaling_factor (which the builder passes on after the hook ran); and the --seq-length that the hook reads
+    from Megatron-LM's arguments there."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, training_seq_length: int | None):
         self.transformer = transformer
         self.rope_scaling_factor = 8.0
+        self.training_seq_length = training_seq_length
 
     def __getattr__(self, name):
         return getattr(self.transformer, name)
@@ -83,7 +85,7 @@ def layer_spec(ns: dict, settings: dict | None, config, vp_stage: int | None):
     rope scaling factor GPTModel then gets."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
-    view = _ModelConfig(config)
+    view = HookConfig(config, ns.get("seq_length"))
     if settings is not None:
         from . import megatron_hooks
 

@@ -42,8 +42,8 @@ MEASURED = {
     "rope_scaling.low_freq_factor/high_freq_factor": "1.0e-1 at 160 tokens (Llama 4: low 1, high 1)",
     "no_rope_layers": "2.4e-1 at 160 tokens (Llama 4, every other layer NoPE)",
     "rope_scaling.beta_fast/beta_slow/original_max_position_embeddings": "4.4e-1 at 160 tokens (Kimi-K2: betas 1, 1)",
-    "rope_scaling.short_factor/long_factor": "3.2e-1 at 128 tokens (a tiny Phi-3 with Phi-3-mini-128k's layout: "
-                                             "divisors 1 to 3.7, attention factor 1.19)",
+    "rope_scaling.short_factor/long_factor": "6.8e-1 at 160 tokens (a tiny Phi-3 with Phi-3-mini-128k's layout, its "
+                                             "contexts 64 and 256: the long divisors 1.2 to 9, attention factor 1.15)",
     "rms_norm_eps": "1.3e-4 at 160 tokens (DeepSeek-V3 with rms_norm_eps 1e-5; 1.9e-5 for DeepSeek-V2-Lite's layout)",
 }
 
@@ -63,9 +63,11 @@ class RopeSpec:
     high_freq_factor: float = 4.0
     percent: float = 1.0  # share of each head's dims that rotate (partial_rotary_factor)
     truncate: bool = True  # yarn: round the correction range to whole dims (rope_scaling.truncate)
-    # longrope (Phi-3/3.5/4-mini long-context): HF's inverse frequencies up to the original context (its short
-    # factors, as transformers computes them) and the factor that scales cos and sin
+    # longrope (Phi-3/3.5/4-mini long-context): HF's inverse frequencies for sequences up to the original context
+    # (its short factors, as transformers computes them) and beyond it (the long ones), and the factor that scales
+    # cos and sin
     inv_freq: tuple[float, ...] | None = None
+    long_inv_freq: tuple[float, ...] | None = None
     attention_factor: float = 1.0
 
 
@@ -127,7 +129,9 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     norm_epsilon: float
-    activation: str = "swiglu"  # swiglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped) | squared_relu
+    # swiglu | clamped_swiglu (gpt-oss: quick-GELU gate, up + 1, clamped) | squared_relu | geglu_tanh (Gemma: a
+    # GELU gate on its tanh approximation; the hook's)
+    activation: str = "swiglu"
     glu_clamp: float | None = None
     window: int | None = None  # sliding-window attention: keys per query, itself included
     window_layers: tuple[int, ...] | None = None  # 1 = the layer attends through the window; None = every layer
@@ -148,7 +152,15 @@ class ModelSpec:
     gdn: GDNSpec | None = None
     hf_layer_span: int = 1  # Megatron layers per HF layer (Qwen3-Next: a mixer layer, then an MLP or MoE layer)
     attention_output_gate: bool = False  # sigmoid gate on the attention output, from a doubled q_proj (Qwen3-Next)
-    zero_centered_norm: bool = False  # norms scale by 1 + weight (Qwen3-Next; --apply-layernorm-1p)
+    zero_centered_norm: bool = False  # norms scale by 1 + weight (Qwen3-Next, Gemma; --apply-layernorm-1p)
+    # Gemma 2's layers (the hook's): embeddings times sqrt(hidden_size), a norm on the attention's and the MLP's
+    # output before each residual add, scores and output logits soft-capped (cap * tanh(x / cap)), and the
+    # attention's scale where it is not 1/sqrt(kv_channels) (query_pre_attn_scalar)
+    embedding_scale: bool = False
+    post_norms: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    softmax_scale: float | None = None
     # training only: HF's attention_dropout, and the residual dropout its modeling code applies (Megatron-LM's
     # defaults are 0.1 for both; its --use-checkpoint-args takes them from the checkpoint)
     attention_dropout: float = 0.0
@@ -180,8 +192,8 @@ class ModelSpec:
             a.update(quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=self.glu_clamp)
         elif self.activation == "squared_relu":  # not gated: linear_fc1 is HF's up_proj
             a["squared_relu"] = True
-        else:
-            a["swiglu"] = True
+        elif self.activation == "swiglu":
+            a["swiglu"] = True  # (geglu_tanh has no flag: the hook's layers set it)
         if self.window:  # megatron-core counts the keys before the query: HF's window includes the query itself
             a["window_size"] = (self.window - 1, 0)
             if self.window_layers:
@@ -289,7 +301,9 @@ class ModelSpec:
             out.append(Gap("rope_scaling.short_factor/long_factor", "longrope: a divisor per rotary frequency, and "
                            f"cos and sin scaled by {_num(r.attention_factor)}: megatron-core's RotaryEmbedding has "
                            "neither", "RotaryEmbedding: per-frequency divisors and an attention factor from the config",
-                           {"rope_inv_freq": list(r.inv_freq), "rope_attention_factor": r.attention_factor}))
+                           {"rope_inv_freq": list(r.inv_freq), "rope_attention_factor": r.attention_factor,
+                            "rope_long": {"inv_freq": list(r.long_inv_freq),
+                                          "beyond": r.original_max_position_embeddings}}))
         if r.theta != int(r.theta):
             out.append(Gap("rope_theta", f"rope_theta={r.theta}: Megatron-LM's --rotary-base is an integer",
                            "arguments.py: --rotary-base type=float", None))
@@ -300,6 +314,14 @@ class ModelSpec:
         s: dict[str, Any] = {"mla": True} if self.mla is not None else {}
         if self.layer_pattern:
             s["hybrid"] = True
+        if self.activation == "geglu_tanh":
+            s["activation"] = "gelu_tanh"
+        if self.embedding_scale:
+            s["embedding_scale"] = self.hidden_size ** 0.5
+        if self.post_norms:
+            s["post_norms"] = True
+        s.update({k: v for k in ("attn_logit_softcap", "final_logit_softcap", "softmax_scale")
+                  if (v := getattr(self, k)) is not None})
         if exact:
             for gap in self.gaps():
                 s.update(gap.fix or {})

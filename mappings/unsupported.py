@@ -3,8 +3,7 @@ is missing."""
 from .base import Family
 
 FAMILIES = (
-    Family("gemma2", {"Gemma2ForCausalLM": {}, "Gemma3ForCausalLM": {}},
-           refuse="attn_logit_softcapping / final_logit_softcapping (no logit soft-capping in megatron-core), "
-                  "post_attention / post_feedforward norms around each block (not in the megatron-core layer) and "
-                  "the sqrt(hidden_size) embedding scale"),
+    Family("gemma3", {"Gemma3ForCausalLM": {}},
+           refuse="rope of its own per layer type (rope_local_base_freq on the sliding layers, scaled rope on the "
+                  "others), which megatron-core's single rotary embedding cannot give (Gemma 2 converts)"),
 )

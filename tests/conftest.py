@@ -30,6 +30,9 @@ FAMILY_CONFIGS = [
     "Qwen/Qwen3-8B",  # qk norm, head_dim != hidden/heads
     "Qwen/Qwen3-8B#yarn",  # yarn rope without MLA, truncated (Megatron-LM's unset round-to-int flag)
     "microsoft/Phi-3-mini-4k-instruct",  # fused qkv and gate_up
+    # the hook's layers: norms after the attention and the MLP, scaled embeddings, soft-capped scores and logits,
+    # tanh-GELU gate, query_pre_attn_scalar; norms centred on 0, alternating sliding window
+    "google/gemma-2-2b",
     "microsoft/Phi-3-mini-4k-instruct#longrope",  # longrope: HF's frequencies and attention factor (--exact)
     "mistralai/Mixtral-8x7B-v0.1",  # MoE
     "Qwen/Qwen3-30B-A3B",  # MoE + qk norm

@@ -123,7 +123,7 @@ def test_hook_rope_patches_follow_each_build():
 
     from converter import megatron_hooks
     from converter.derive import derive
-    from converter.model import transformer_config
+    from converter.model import HookConfig, transformer_config
     from converter.runtime import ensure_distributed
 
     ensure_distributed()
@@ -138,9 +138,31 @@ def test_hook_rope_patches_follow_each_build():
         assert torch.equal(inv_freq(), once) and not torch.equal(once, stock)
         megatron_hooks.layer_spec(config, settings={"rope_inv_freq": [1.0, 0.5, 0.25, 0.125]})
         assert inv_freq().tolist() == [1.0, 0.5, 0.25, 0.125]
+        long = {"rope_inv_freq": [1.0, 0.5, 0.25, 0.125], "rope_long": {"inv_freq": [0.5, 0.25, 0.2, 0.1],
+                                                                        "beyond": 64}}
+        megatron_hooks.layer_spec(HookConfig(config, 65), settings=long)  # a training sequence beyond 64
+        assert inv_freq().tolist() == pytest.approx([0.5, 0.25, 0.2, 0.1])
+        megatron_hooks.layer_spec(HookConfig(config, 64), settings=long)
+        assert inv_freq().tolist() == [1.0, 0.5, 0.25, 0.125]
     finally:
         megatron_hooks.layer_spec(config, settings={})
     assert torch.equal(inv_freq(), stock)
+
+
+def test_longrope_factors_follow_the_training_sequence_length(tiny_models, tmp_path):
+    """HF's longrope takes its long factors for a sequence longer than the original context (64 in the tiny
+    model), the short ones else; a Megatron model has one set: the hook's long ones where --seq-length is longer
+    (as written: 256), the short ones where the user trains at up to 64. HF agrees on sequences on that side."""
+    from converter.verify import SAMPLE_TEXT
+
+    hf = tiny_models("microsoft/Phi-3-mini-4k-instruct#longrope")
+    out = convert(hf, tmp_path / "mc", dtype="fp32", progress=False, exact=True)
+    assert verify(hf, out)["ok"]  # 128 tokens
+    args = out / "megatron_args.sh"
+    assert "    --seq-length 256\n" in args.read_text()
+    args.write_text(args.read_text().replace("    --seq-length 256\n", "    --seq-length 64\n"))
+    assert verify(hf, out, text=SAMPLE_TEXT[:48])["ok"]
+    assert verify(hf, out)["rel_err"] > 1e-3  # the short factors, for a sequence HF runs with the long ones
 
 
 def _assert_verifies(hf, tmp_path):

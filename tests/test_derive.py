@@ -130,12 +130,30 @@ def test_family_traits():
     assert "--window-size 4095,0" in " ".join(megatron_fields.flags(mistral.megatron_namespace()))
 
 
-@pytest.mark.parametrize("name,feature", [
-    ("google/gemma-2-2b", "softcapping"),
-])
-def test_refusals_name_the_feature(name, feature):
-    with pytest.raises(ConversionError, match=feature):
-        derive(CONFIGS / name)
+def test_refusals_name_the_feature():
+    gemma3 = {**real_config("google/gemma-2-2b"), "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    with pytest.raises(ConversionError, match="rope_local_base_freq"):
+        derive(gemma3)
+
+
+def test_gemma2_traits():
+    """Gemma 2's layers are the hook's (always named in the flags: Megatron-LM's specs cannot build them), its
+    norms centred on 0 (--apply-layernorm-1p), its window on every other layer from the first."""
+    spec = derive(CONFIGS / "google/gemma-2-2b")
+    assert spec.hook_settings() == {"activation": "gelu_tanh", "embedding_scale": 2304 ** 0.5, "post_norms": True,
+                                    "attn_logit_softcap": 50.0, "final_logit_softcap": 30.0}  # (scalar 256 = head_dim)
+    ns = spec.megatron_namespace()
+    flags = " ".join(megatron_fields.flags(ns))
+    assert "--apply-layernorm-1p" in flags and "--swiglu" not in flags and "--spec hf2mcore_spec layer_spec" in flags
+    assert ns["kv_channels"] == 256 and spec.window == 4096 and spec.window_layers[:4] == (1, 0, 1, 0)
+    assert derive({**real_config("google/gemma-2-2b"), "query_pre_attn_scalar": 144}).softmax_scale == 144 ** -0.5
+    # what other families' modeling code never reads is converted as transformers runs them, and said
+    llama = derive({**real_config("meta-llama/Llama-2-7b-hf"), "final_logit_softcapping": 30.0})
+    assert llama.hook_settings() is None and any(w.startswith("final_logit_softcapping=30.0") for w in llama.warnings)
+    with pytest.raises(ConversionError, match="attention_bias"):
+        derive({**real_config("google/gemma-2-2b"), "attention_bias": True})
+    with pytest.raises(ConversionError, match="gelu"):
+        derive({**real_config("meta-llama/Llama-2-7b-hf"), "hidden_act": "gelu"})
 
 
 def test_mla_with_rope_interleave_off_is_refused():
@@ -380,8 +398,9 @@ def test_linear_rope_scaling():
 
 def test_longrope_is_a_gap_the_hook_closes():
     """Phi-3-mini-128k's longrope (its 4k config, extended): plain rope in the flags, a WARNING gap whose --exact fix
-    carries transformers' own inverse frequencies (one per rotary pair) and attention factor, and a warning that
-    the long factors are not followed beyond the original context (the logits: Phi-3-mini-4k-instruct#longrope)."""
+    carries transformers' own inverse frequencies (one per rotary pair) from the short factors and from the long
+    ones, the original context that parts them, and the attention factor, and a warning that a model has one set
+    (the logits: Phi-3-mini-4k-instruct#longrope and test_convert)."""
     cfg = {**real_config("microsoft/Phi-3-mini-4k-instruct"), "max_position_embeddings": 131072,
            "original_max_position_embeddings": 4096,
            "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(48)],
@@ -391,6 +410,10 @@ def test_longrope_is_a_gap_the_hook_closes():
     fix = spec.hook_settings(exact=True)
     assert len(fix["rope_inv_freq"]) == 48 and fix["rope_inv_freq"][0] == 1.0
     assert abs(fix["rope_attention_factor"] - math.sqrt(1 + math.log(32) / math.log(4096))) < 1e-12
+    assert fix["rope_long"]["beyond"] == 4096 and fix["rope_long"]["inv_freq"][0] == 0.5  # (long_factor[0] 2)
+    # without original_max_position_embeddings, transformers' default for the class (Phi-3's 4096)
+    del cfg["original_max_position_embeddings"]
+    assert derive(cfg).hook_settings(exact=True)["rope_long"]["beyond"] == 4096
     assert any("original_max_position_embeddings=4096" in w for w in spec.warnings)
     assert "--rotary-base 10000" in " ".join(megatron_fields.flags(spec.megatron_namespace()))
     with pytest.raises(ConversionError, match="longrope"):  # (the hook's fix is on the GPT layer spec only)

@@ -18,7 +18,8 @@ from converter.verify import SAMPLE_TEXT, token_ids
 WORKER = Path(__file__).with_name("parallel_worker.py")
 LAYOUTS = [
     ("Qwen/Qwen2.5-7B", 2, 1, 1),  # TP splits query groups and the qkv bias
-    ("meta-llama/Llama-3.2-1B", 1, 2, 1),  # PP with tied embeddings
+    # PP with tied embeddings; Gemma 2's embedding scale on the first stage, its logit soft-cap on the last
+    ("google/gemma-2-2b", 1, 2, 1),
     ("mistralai/Mixtral-8x7B-v0.1", 1, 1, 2),  # EP: two experts per rank
     ("deepseek-ai/DeepSeek-V3", 2, 1, 1),  # TP over multi-latent attention, shared experts, expert bias
     ("openai/gpt-oss-20b", 1, 1, 2),  # EP over packed experts (each rank reads only its experts' slices)

@@ -21,11 +21,14 @@ OVERRIDES = {"transformers:glm4_moe:Glm4MoeForCausalLM": {"attention_bias": True
                                                                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                                   "original_max_position_embeddings": 4096}},
              "meta-llama/Llama-2-7b-hf#biases": {"attention_bias": True, "mlp_bias": True},
-             # Phi-3-mini-128k / Phi-3.5-mini: longrope from a 4k original context (one factor per rotary frequency)
+             # Phi-3-mini-128k / Phi-3.5-mini's longrope (one factor per rotary frequency), its contexts shrunk: the
+             # tests' sequences outgrow the original one (HF's long factors) and the written --seq-length too
              "microsoft/Phi-3-mini-4k-instruct#longrope": {
                  "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7],
                                   "long_factor": [1.2, 2.0, 5.0, 9.0]},
-                 "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
+                 "max_position_embeddings": 256, "original_max_position_embeddings": 64},
+             # Gemma 2's soft caps (50 on scores, 30 on logits) are far above the tiny model's: caps these reach
+             "google/gemma-2-2b": {"attn_logit_softcapping": 0.25, "final_logit_softcapping": 2.0},
              # position interpolation (deepseek-coder, Llama-2 long-context fine-tunes)
              "meta-llama/Llama-2-7b-hf#linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
              # Qwen's long-context recipe (rope_scaling added to config.json), truncated as HF's yarn is by default
