@@ -128,9 +128,10 @@ def build(ns: dict, settings: dict | None, device: str = "meta", *, pre_process:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if ns.get("hybrid_layer_pattern"):
         return _build_hybrid(ns, config, device, pre_process, post_process, vp_stage)
-    # the hook's patches are process-wide (llama3 and longrope rope, the MLA MTP spec): this process builds others
-    scaling, init, mtp = (RotaryEmbedding._apply_scaling, RotaryEmbedding.__init__,
-                          gpt_layer_specs.get_gpt_mtp_block_spec)
+    # the hook's patches are process-wide (llama3 and longrope rope, the output soft-cap, the MLA MTP spec): this
+    # process builds others
+    scaling, init, gpt_init, mtp = (RotaryEmbedding._apply_scaling, RotaryEmbedding.__init__, GPTModel.__init__,
+                                    gpt_layer_specs.get_gpt_mtp_block_spec)
     try:
         spec, factor = layer_spec(ns, settings, config, vp_stage)
         kwargs = {**megatron_fields.gpt_model_kwargs(ns), "rope_scaling_factor": factor}
@@ -140,7 +141,7 @@ def build(ns: dict, settings: dict | None, device: str = "meta", *, pre_process:
                              post_process=post_process, parallel_output=False, vp_stage=vp_stage,
                              mtp_block_spec=mtp_block_spec(config, vp_stage), **kwargs)
     finally:
-        RotaryEmbedding._apply_scaling, RotaryEmbedding.__init__ = scaling, init
+        RotaryEmbedding._apply_scaling, RotaryEmbedding.__init__, GPTModel.__init__ = scaling, init, gpt_init
         gpt_layer_specs.get_gpt_mtp_block_spec = mtp
     if device != "cpu":  # some buffers (the router's expert_bias) ignore the device context
         model = model.to(device)

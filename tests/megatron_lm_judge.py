@@ -178,13 +178,14 @@ def _reset(path: list[str], scaling) -> None:
     """What one job leaves behind that the next must not see."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
     from megatron.training.global_vars import unset_global_variables
 
     unset_global_variables()
     ps.destroy_model_parallel()
     RotaryEmbedding._apply_scaling = scaling
-    RotaryEmbedding.__init__ = getattr(RotaryEmbedding.__init__, "hf2mcore_original", RotaryEmbedding.__init__)
+    for cls in (RotaryEmbedding, GPTModel):  # the hook's rope frequencies, its output soft-cap
+        cls.__init__ = getattr(cls.__init__, "hf2mcore_original", cls.__init__)
     mtp = gpt_layer_specs.get_gpt_mtp_block_spec  # the hook's MLA redirect of the MTP spec
     gpt_layer_specs.get_gpt_mtp_block_spec = getattr(mtp, "hf2mcore_original", mtp)
     sys.modules.pop(HOOK, None)

@@ -115,11 +115,12 @@ def test_longrope_with_partial_rotary(tmp_path):
     assert verify(hf, convert(hf, tmp_path / "mc", dtype="fp32", progress=False, exact=True))["ok"]
 
 
-def test_hook_rope_patches_follow_each_build():
-    """The hook's process-wide rope patches (llama3 constants, longrope frequencies) are those of the latest
-    build's settings: a second build (another virtual pipeline stage) does not stack them, a build without them
-    gets megatron-core's own rope again."""
+def test_hook_patches_follow_each_build():
+    """The hook's process-wide patches (llama3 constants, longrope frequencies, the output soft-cap) are those of
+    the latest build's settings: a second build (another virtual pipeline stage) does not stack them, a build
+    without them gets megatron-core's own rope and GPTModel again."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt import GPTModel
 
     from converter import megatron_hooks
     from converter.derive import derive
@@ -144,9 +145,13 @@ def test_hook_rope_patches_follow_each_build():
         assert inv_freq().tolist() == pytest.approx([0.5, 0.25, 0.2, 0.1])
         megatron_hooks.layer_spec(HookConfig(config, 64), settings=long)
         assert inv_freq().tolist() == [1.0, 0.5, 0.25, 0.125]
+        stock_init = GPTModel.__init__
+        for _ in range(2):
+            megatron_hooks.layer_spec(config, settings={"final_logit_softcap": 2.0})
+            assert GPTModel.__init__.hf2mcore_original is stock_init
     finally:
         megatron_hooks.layer_spec(config, settings={})
-    assert torch.equal(inv_freq(), stock)
+    assert torch.equal(inv_freq(), stock) and GPTModel.__init__ is stock_init
 
 
 def test_longrope_factors_follow_the_training_sequence_length(tiny_models, tmp_path):
