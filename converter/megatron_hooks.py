@@ -42,6 +42,7 @@ import copy
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -81,8 +82,8 @@ def layer_spec(config, vp_stage=None, settings: dict | None = None):
         patched.hf2mcore_original = base
         RotaryEmbedding._apply_scaling = patched
     long = settings.get("rope_long")
-    seq_length = _training_seq_length(config)
-    _rope_inv_freq(RotaryEmbedding, long["inv_freq"] if long and seq_length and seq_length > long["beyond"]
+    seq_length = _training_seq_length(config) if long else None
+    _rope_inv_freq(RotaryEmbedding, long["inv_freq"] if seq_length and seq_length > long["beyond"]
                    else settings.get("rope_inv_freq"))
     if "rope_attention_factor" in settings:
         # megatron-core's attention scales cos and sin by yarn's concentration factor g(s, m) / g(s, m_all), with
@@ -145,14 +146,11 @@ def _stock(cls, name: str):
 
 
 def _training_seq_length(config) -> int | None:
-    """Megatron-LM's --seq-length (its global arguments); else the one the caller's config names as
+    """Megatron-LM's --seq-length (its parsed global arguments); else the one the caller's config names as
     `training_seq_length` (hf2mcore's builds), if any. (GPTModelConfig's seq_length is --max-position-embeddings.)"""
-    try:
-        from megatron.training.global_vars import get_args
-
-        return get_args().seq_length
-    except (ImportError, AssertionError):  # (not Megatron-LM, or its arguments not parsed)
-        return getattr(config, "training_seq_length", None)
+    # looked up, not imported: Megatron-LM has imported it by now, and importing it elsewhere pulls in ModelOpt
+    args = getattr(sys.modules.get("megatron.training.global_vars"), "_GLOBAL_ARGS", None)
+    return args.seq_length if args is not None else getattr(config, "training_seq_length", None)
 
 
 def _rope_inv_freq(rotary, inv_freq: list | None) -> None:

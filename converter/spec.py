@@ -42,7 +42,7 @@ MEASURED = {
     "rope_scaling.low_freq_factor/high_freq_factor": "1.0e-1 at 160 tokens (Llama 4: low 1, high 1)",
     "no_rope_layers": "2.4e-1 at 160 tokens (Llama 4, every other layer NoPE)",
     "rope_scaling.beta_fast/beta_slow/original_max_position_embeddings": "4.4e-1 at 160 tokens (Kimi-K2: betas 1, 1)",
-    "rope_scaling.short_factor/long_factor": "6.8e-1 at 160 tokens (a tiny Phi-3 with Phi-3-mini-128k's layout, its "
+    "rope_scaling.short_factor/long_factor": "4.9e-1 at 160 tokens (a tiny Phi-3 with Phi-3-mini-128k's layout, its "
                                              "contexts 64 and 256: the long divisors 1.2 to 9, attention factor 1.15)",
     "rms_norm_eps": "1.3e-4 at 160 tokens (DeepSeek-V3 with rms_norm_eps 1e-5; 1.9e-5 for DeepSeek-V2-Lite's layout)",
 }
