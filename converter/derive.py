@@ -468,7 +468,9 @@ class _Deriver:
         transformers (about 1.5 s): only for a windowed config without layer_types, longrope and Mamba layers."""
         from transformers import AutoConfig
 
-        return AutoConfig.for_model(**self.cfg)
+        from .replay import UNREAD  # (no structure: a config class may refuse odd values there, e.g. token ids)
+
+        return AutoConfig.for_model(**{k: v for k, v in self.cfg.items() if k not in UNREAD})
 
     def _computed_layer_types(self) -> list | None:
         """The layer_types transformers' config class computes where config.json has none, by a rule of each class's
